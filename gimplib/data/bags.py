@@ -1,0 +1,221 @@
+"""Bags: the patch features (and coords) of one slide, in CLAM's file formats.
+
+CLAM's ``extract_features_fp.py`` writes ``h5_files/<slide_id>.h5`` with two datasets,
+``features`` (N, D) float32 and ``coords`` (N, 2) int (level-0 pixel x, y), created
+chunked and resizable (``maxshape=(None, ...)``), and ``pt_files/<slide_id>.pt`` holding
+the (N, D) feature tensor alone. Both are read here without conversion. From h5 only
+the requested rows are read, so a 6,000-patch window of a 148,569-patch bag costs a
+window's worth of IO, not a bag's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from gimplib.utils import DataError, atomic_path
+
+__all__ = ["Bag", "bag_info", "read_bag", "write_bag", "write_bag_pt"]
+
+BAG_SUFFIXES = (".h5", ".pt")
+
+
+@dataclass
+class Bag:
+    """One slide's patches.
+
+    Attributes:
+        feats: (n, d) float32 features.
+        coords: (n, 2) int64 level-0 (x, y) of each patch's top-left corner, or None
+            (``.pt`` bags carry no coords).
+        path: the file it came from.
+    """
+
+    feats: np.ndarray
+    coords: np.ndarray | None
+    path: Path
+
+    def __len__(self) -> int:
+        return int(self.feats.shape[0])
+
+
+def _check_h5_datasets(f: h5py.File, path: Path) -> tuple[int, int]:
+    if "features" not in f:
+        raise DataError(
+            f"{path}: no 'features' dataset (found {sorted(f.keys())}); "
+            "expected CLAM's h5 layout with 'features' (N, D) and 'coords' (N, 2)"
+        )
+    feats = f["features"]
+    if feats.ndim != 2:
+        raise DataError(f"{path}: 'features' has shape {feats.shape}; expected (N, D)")
+    n, d = feats.shape
+    if n == 0:
+        raise DataError(f"{path}: empty bag ('features' has 0 rows); expected at least one patch")
+    if "coords" in f:
+        coords = f["coords"]
+        if coords.ndim != 2 or coords.shape[1] != 2:
+            raise DataError(f"{path}: 'coords' has shape {coords.shape}; expected (N, 2)")
+        if coords.shape[0] != n:
+            raise DataError(
+                f"{path}: 'features' has {n} rows but 'coords' has {coords.shape[0]}; "
+                "expected one coordinate pair per patch"
+            )
+    return int(n), int(d)
+
+
+def _open_h5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise DataError(f"{path}: bag file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read as HDF5 ({err}); expected a CLAM h5 bag") from err
+
+
+def _load_pt(path: Path) -> torch.Tensor:
+    if not path.exists():
+        raise DataError(f"{path}: bag file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt file
+        raise DataError(f"{path}: cannot be read as a torch tensor file ({err})") from err
+    if isinstance(obj, dict) and "features" in obj:
+        obj = obj["features"]
+    if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
+        shape = tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__
+        raise DataError(f"{path}: holds {shape}; expected an (N, D) feature tensor")
+    if obj.shape[0] == 0:
+        raise DataError(f"{path}: empty bag (0 rows); expected at least one patch")
+    return obj
+
+
+def bag_info(path: str | os.PathLike) -> tuple[int, int]:
+    """Number of patches and feature dim of a bag, from the file's shape alone.
+
+    Args:
+        path: a CLAM ``.h5`` or ``.pt`` bag.
+
+    Returns:
+        ``(n, d)``.
+    """
+    path = Path(path)
+    if path.suffix == ".pt":
+        t = _load_pt(path)
+        return int(t.shape[0]), int(t.shape[1])
+    with _open_h5(path) as f:
+        return _check_h5_datasets(f, path)
+
+
+def _finite_or_raise(feats: np.ndarray, path: Path, start: int) -> None:
+    if not np.isfinite(feats).all():
+        bad = int(np.argwhere(~np.isfinite(feats))[0, 0]) + start
+        raise DataError(f"{path}: NaN or inf in 'features' (first at row {bad}); expected finite values")
+
+
+def read_bag(
+    path: str | os.PathLike,
+    start: int | None = None,
+    stop: int | None = None,
+    with_coords: bool = True,
+    check_finite: bool = True,
+) -> Bag:
+    """Read the rows ``[start, stop)`` of a bag (all rows by default).
+
+    Args:
+        path: ``.h5`` (CLAM ``features``/``coords``, float16 or float32, any D) or ``.pt``.
+        start: first row (default 0).
+        stop: one past the last row (default N). Out-of-range bounds are an error.
+        with_coords: read ``coords`` too (h5 only).
+        check_finite: raise on NaN/inf in what was read.
+
+    Returns:
+        A :class:`Bag` with ``feats`` (stop - start, D) float32 and ``coords``
+        (stop - start, 2) int64 or None.
+    """
+    path = Path(path)
+    if path.suffix == ".pt":
+        t = _load_pt(path)
+        n = t.shape[0]
+        lo, hi = _bounds(start, stop, n, path)
+        feats = t[lo:hi].to(torch.float32).numpy()
+        coords = None
+    else:
+        with _open_h5(path) as f:
+            n, _ = _check_h5_datasets(f, path)
+            lo, hi = _bounds(start, stop, n, path)
+            feats = np.asarray(f["features"][lo:hi], dtype=np.float32)
+            coords = None
+            if with_coords and "coords" in f:
+                coords = np.asarray(f["coords"][lo:hi], dtype=np.int64)
+    if check_finite:
+        _finite_or_raise(feats, path, lo)
+    return Bag(feats=feats, coords=coords, path=path)
+
+
+def _bounds(start: int | None, stop: int | None, n: int, path: Path) -> tuple[int, int]:
+    lo = 0 if start is None else int(start)
+    hi = n if stop is None else int(stop)
+    if not (0 <= lo < hi <= n):
+        raise DataError(f"{path}: rows [{lo}, {hi}) requested from a bag of {n} patches")
+    return lo, hi
+
+
+def write_bag(
+    path: str | os.PathLike,
+    feats: np.ndarray | torch.Tensor,
+    coords: np.ndarray | torch.Tensor | None = None,
+    attrs: dict | None = None,
+    dtype: str = "float32",
+    chunk_rows: int = 1024,
+) -> Path:
+    """Write a bag as CLAM does (chunked, resizable datasets), atomically.
+
+    Args:
+        path: destination ``.h5``.
+        feats: (n, d) features.
+        coords: (n, 2) level-0 (x, y), or None.
+        attrs: extra attributes for the ``coords`` dataset (CLAM stores patch_size,
+            patch_level, downsample, ... there).
+        dtype: stored feature dtype, ``float32`` (CLAM's) or ``float16``.
+        chunk_rows: rows per HDF5 chunk.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    feats = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise DataError(f"{path}: refusing to write features of shape {feats.shape}; expected (N>0, D)")
+    n, d = feats.shape
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            rows = max(1, min(chunk_rows, n))
+            f.create_dataset(
+                "features", data=feats.astype(dtype), maxshape=(None, d), chunks=(rows, d)
+            )
+            if coords is not None:
+                coords = coords.cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
+                if coords.shape != (n, 2):
+                    raise DataError(f"{path}: coords of shape {coords.shape}; expected ({n}, 2)")
+                ds = f.create_dataset(
+                    "coords", data=coords.astype(np.int64), maxshape=(None, 2), chunks=(rows, 2)
+                )
+                for key, value in (attrs or {}).items():
+                    ds.attrs[key] = value
+    return path
+
+
+def write_bag_pt(path: str | os.PathLike, feats: np.ndarray | torch.Tensor) -> Path:
+    """Write CLAM's ``pt_files/<slide_id>.pt`` (the (N, D) tensor alone), atomically."""
+    path = Path(path)
+    t = torch.as_tensor(np.asarray(feats) if not isinstance(feats, torch.Tensor) else feats)
+    if t.ndim != 2 or t.shape[0] == 0:
+        raise DataError(f"{path}: refusing to write features of shape {tuple(t.shape)}; expected (N>0, D)")
+    with atomic_path(path) as tmp:
+        torch.save(t.detach().cpu().float().contiguous(), tmp)
+    return path
