@@ -1,5 +1,54 @@
 """Data layer: cohort folders in CLAM's layout, bags, gene tables, splits, datasets."""
 
-from gimplib.data.bags import Bag, bag_info, read_bag, write_bag, write_bag_pt
+from gimplib.data.bags import Bag, BagReader, bag_info, read_bag, write_bag, write_bag_pt
+from gimplib.data.cohort import Cohort, load_cohort, normalize_slide_id
+from gimplib.data.datasets import BagDataset, GeneDataset, WindowDataset, collate_bags
+from gimplib.data.genes import (
+    GeneTransform,
+    is_tcga_barcode,
+    patient_id,
+    read_gdc_expression,
+    read_gene_table,
+    strip_version,
+    write_gene_table,
+)
+from gimplib.data.splits import (
+    check_disjoint,
+    kfold_splits,
+    read_clam_split,
+    train_val_test_split,
+    write_clam_split,
+)
+from gimplib.data.wsi import ExtractConfig, plot_attention_heatmap, process_slide, process_slides
 
-__all__ = ["Bag", "bag_info", "read_bag", "write_bag", "write_bag_pt"]
+__all__ = [
+    "Bag",
+    "BagDataset",
+    "BagReader",
+    "Cohort",
+    "ExtractConfig",
+    "GeneDataset",
+    "GeneTransform",
+    "WindowDataset",
+    "bag_info",
+    "check_disjoint",
+    "collate_bags",
+    "is_tcga_barcode",
+    "kfold_splits",
+    "load_cohort",
+    "normalize_slide_id",
+    "patient_id",
+    "plot_attention_heatmap",
+    "process_slide",
+    "process_slides",
+    "read_bag",
+    "read_clam_split",
+    "read_gdc_expression",
+    "read_gene_table",
+    "strip_version",
+    "train_val_test_split",
+    "write_bag",
+    "write_bag_pt",
+    "write_clam_split",
+    "write_gene_table",
+]

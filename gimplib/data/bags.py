@@ -20,7 +20,7 @@ import torch
 
 from gimplib.utils import DataError, atomic_path
 
-__all__ = ["Bag", "bag_info", "read_bag", "write_bag", "write_bag_pt"]
+__all__ = ["Bag", "BagReader", "bag_info", "read_bag", "write_bag", "write_bag_pt"]
 
 BAG_SUFFIXES = (".h5", ".pt")
 
@@ -51,6 +51,8 @@ def _check_h5_datasets(f: h5py.File, path: Path) -> tuple[int, int]:
             "expected CLAM's h5 layout with 'features' (N, D) and 'coords' (N, 2)"
         )
     feats = f["features"]
+    if not isinstance(feats, h5py.Dataset):
+        raise DataError(f"{path}: 'features' is a group, not a dataset; expected an (N, D) array")
     if feats.ndim != 2:
         raise DataError(f"{path}: 'features' has shape {feats.shape}; expected (N, D)")
     n, d = feats.shape
@@ -81,9 +83,13 @@ def _load_pt(path: Path) -> torch.Tensor:
     if not path.exists():
         raise DataError(f"{path}: bag file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt file
-        raise DataError(f"{path}: cannot be read as a torch tensor file ({err})") from err
+        # mmap: the shape (bag_info) and a window (read_bag) then cost only the pages touched
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # files saved with the legacy (non-zip) serialisation cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a corrupt file
+            raise DataError(f"{path}: cannot be read as a torch tensor file ({err})") from err
     if isinstance(obj, dict) and "features" in obj:
         obj = obj["features"]
     if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
@@ -117,6 +123,21 @@ def _finite_or_raise(feats: np.ndarray, path: Path, start: int) -> None:
         raise DataError(f"{path}: NaN or inf in 'features' (first at row {bad}); expected finite values")
 
 
+def _read_h5_rows(
+    f: h5py.File, path: Path, start: int | None, stop: int | None, with_coords: bool
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    n, _ = _check_h5_datasets(f, path)
+    lo, hi = _bounds(start, stop, n, path)
+    try:
+        feats = np.asarray(f["features"][lo:hi], dtype=np.float32)
+        coords = None
+        if with_coords and "coords" in f:
+            coords = np.asarray(f["coords"][lo:hi], dtype=np.int64)
+    except OSError as err:  # a truncated or damaged file can open fine and fail on read
+        raise DataError(f"{path}: rows [{lo}, {hi}) cannot be read ({err}); the file looks corrupt") from err
+    return feats, coords, lo
+
+
 def read_bag(
     path: str | os.PathLike,
     start: int | None = None,
@@ -140,21 +161,88 @@ def read_bag(
     path = Path(path)
     if path.suffix == ".pt":
         t = _load_pt(path)
-        n = t.shape[0]
-        lo, hi = _bounds(start, stop, n, path)
+        lo, hi = _bounds(start, stop, t.shape[0], path)
         feats = t[lo:hi].to(torch.float32).numpy()
         coords = None
     else:
         with _open_h5(path) as f:
-            n, _ = _check_h5_datasets(f, path)
-            lo, hi = _bounds(start, stop, n, path)
-            feats = np.asarray(f["features"][lo:hi], dtype=np.float32)
-            coords = None
-            if with_coords and "coords" in f:
-                coords = np.asarray(f["coords"][lo:hi], dtype=np.int64)
+            feats, coords, lo = _read_h5_rows(f, path, start, stop, with_coords)
     if check_finite:
         _finite_or_raise(feats, path, lo)
     return Bag(feats=feats, coords=coords, path=path)
+
+
+class BagReader:
+    """Reads bags through a small pool of open file handles, one pool per process.
+
+    Opening an HDF5 file costs more than reading a 6,000-row window from it, so a
+    dataset that reads many windows keeps its files open. Handles are never shared
+    across processes: the pool is dropped when pickled (DataLoader workers) and
+    rebuilt when the process id changes (fork), so each worker opens its own.
+
+    Args:
+        max_open: how many files to keep open (least recently used is closed first).
+    """
+
+    def __init__(self, *, max_open: int = 64) -> None:
+        self.max_open = max_open
+        self._pid: int | None = None
+        self._h5: dict[Path, h5py.File] = {}
+        self._pt: dict[Path, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self.max_open, "_pid": None, "_h5": {}, "_pt": {}}
+
+    def _pool(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
+            self._h5, self._pt, self._pid = {}, {}, os.getpid()
+
+    def _handle(self, path: Path) -> h5py.File | torch.Tensor:
+        self._pool()
+        pool = self._pt if path.suffix == ".pt" else self._h5
+        if path in pool:
+            pool[path] = pool.pop(path)  # mark as most recently used
+            return pool[path]
+        if len(pool) >= self.max_open:
+            oldest = next(iter(pool))
+            handle = pool.pop(oldest)
+            if isinstance(handle, h5py.File):
+                handle.close()
+        pool[path] = _load_pt(path) if path.suffix == ".pt" else _open_h5(path)
+        return pool[path]
+
+    def read(
+        self,
+        path: str | os.PathLike,
+        start: int | None = None,
+        stop: int | None = None,
+        with_coords: bool = True,
+        check_finite: bool = True,
+    ) -> Bag:
+        """Same as :func:`read_bag`, through the pool."""
+        path = Path(path)
+        handle = self._handle(path)
+        if isinstance(handle, torch.Tensor):
+            lo, hi = _bounds(start, stop, handle.shape[0], path)
+            feats, coords = handle[lo:hi].to(torch.float32).numpy(), None
+        else:
+            feats, coords, lo = _read_h5_rows(handle, path, start, stop, with_coords)
+        if check_finite:
+            _finite_or_raise(feats, path, lo)
+        return Bag(feats=feats, coords=coords, path=path)
+
+    def close(self) -> None:
+        """Close every open file."""
+        for handle in self._h5.values():
+            handle.close()
+        self._h5, self._pt = {}, {}
+
+    def __del__(self) -> None:
+        try:
+            if self._pid == os.getpid():
+                self.close()
+        except Exception:
+            pass
 
 
 def _bounds(start: int | None, stop: int | None, n: int, path: Path) -> tuple[int, int]:

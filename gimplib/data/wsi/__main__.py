@@ -1,0 +1,3 @@
+from gimplib.data.wsi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,383 @@
+"""Slides to a CLAM cohort folder: segment, patch, embed; one slide or a folder, resumable.
+
+Output layout (``out_dir``)::
+
+    masks/<slide_id>.png       tissue mask (255 = tissue) at the segmentation scale
+    patches/<slide_id>.h5      'coords' (n, 2) with CLAM's attributes (create_patches_fp.py)
+    h5_files/<slide_id>.h5     'features' (n, 1024) + 'coords' (extract_features_fp.py)
+    pt_files/<slide_id>.pt     (n, 1024) tensor
+    extract_settings.json      the settings every bag in the folder was made with
+    extract_status.csv         slide_id, status, n_patches, seconds, error, path
+    dataset.csv                case_id, slide_id, label   (when a labels table is given)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from gimplib.data.bags import bag_info, write_bag, write_bag_pt
+from gimplib.data.genes import patient_id
+from gimplib.data.wsi.patching import patch_footprint, patch_grid, read_patches_h5, write_patches_h5
+from gimplib.data.wsi.slide import open_slide, read_slide_info, resolve_magnification, slide_id_of
+from gimplib.data.wsi.tissue import TissueParams, slide_tissue_mask
+from gimplib.utils import DataError, atomic_path, load_json, save_json
+
+__all__ = [
+    "SLIDE_EXTENSIONS",
+    "ExtractConfig",
+    "find_slides",
+    "process_slide",
+    "process_slides",
+    "update_dataset_csv",
+]
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+STATUS_COLUMNS = ["slide_id", "status", "n_patches", "seconds", "error", "path"]
+# Settings that change what is in a bag; a folder must not mix bags that differ in them.
+RESULT_KEYS = (
+    "patch_size",
+    "step_size",
+    "target_magnification",
+    "slide_magnification",
+    "min_tissue",
+    "tissue",
+    "features",
+    "encoder",
+    "out_size",
+    "max_patches",
+)
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of :func:`process_slides` (recorded in ``extract_settings.json``).
+
+    Attributes:
+        patch_size: patch side at the target magnification (CLAM: 256).
+        step_size: grid step at the target magnification (None = patch_size, no overlap).
+        target_magnification: magnification of the patches (20 for 20x).
+        slide_magnification: level-0 magnification of every slide, overriding metadata
+            (needed only for slides with neither objective power nor mpp).
+        min_tissue: minimum tissue fraction of a kept patch.
+        tissue: segmentation settings.
+        features: embed the patches (False: masks and patches h5 only).
+        weights: ResNet50 state-dict file; None = torchvision's cache.
+        random_weights: random encoder (tests, timing); features are meaningless.
+        seed: seed of the random encoder and of ``max_patches`` (evenly spaced, no RNG).
+        out_size: network input side.
+        batch_size: patches per forward pass.
+        num_workers: DataLoader workers.
+        device: "auto", "cpu", "cuda", ...
+        half: float16 autocast (None = on CUDA only).
+        max_patches: keep at most this many patches per slide, evenly spaced along
+            CLAM's order (quick looks; None = all).
+    """
+
+    patch_size: int = 256
+    step_size: int | None = None
+    target_magnification: float = 20.0
+    slide_magnification: float | None = None
+    min_tissue: float = 0.25
+    tissue: TissueParams = field(default_factory=TissueParams)
+    features: bool = True
+    weights: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    out_size: int = 224
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    half: bool | None = None
+    max_patches: int | None = None
+
+
+def find_slides(source: str | os.PathLike | Iterable[str | os.PathLike], extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
+    """Slide files in a folder (not recursive, sorted), or the given file(s)."""
+    if isinstance(source, (str, os.PathLike)):
+        source = Path(source)
+        if source.is_file():
+            return [source]
+        if not source.is_dir():
+            raise DataError(f"{source}: no such slide file or folder")
+        exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+        slides = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in exts)
+        if not slides:
+            raise DataError(f"{source}: no slide files with extensions {sorted(exts)}")
+        return slides
+    return [Path(p) for p in source]
+
+
+def _subsample(n: int, k: int | None) -> np.ndarray:
+    if k is None or n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+def process_slide(
+    slide_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: ExtractConfig | None = None,
+    *,
+    encoder: Any = None,
+    progress: bool = False,
+) -> dict:
+    """Segment, patch and (optionally) embed one slide into ``out_dir``.
+
+    Args:
+        slide_path: the slide.
+        out_dir: the cohort folder (sub-folders are created).
+        config: settings.
+        encoder: a built encoder (:func:`build_encoder`); built from ``config`` when None.
+        progress: tqdm bar over batches.
+
+    Returns:
+        ``dict(slide_id, n_patches, seconds, patch_level, patch_size, tissue_fraction)``.
+
+    Raises:
+        DataError: naming the slide (unreadable, no scale, no tissue, ...). Nothing is
+            left half-written: each output file is written atomically.
+    """
+    config = config or ExtractConfig()
+    slide_path, out_dir = Path(slide_path), Path(out_dir)
+    start = time.perf_counter()
+    slide = open_slide(slide_path)
+    try:
+        info = read_slide_info(slide, slide_path)
+        sid = info.slide_id
+        mag, _ = resolve_magnification(info, config.slide_magnification)
+        size0 = patch_footprint(config.patch_size, config.target_magnification, mag)
+        tissue = slide_tissue_mask(slide, patch_area_level0=float(size0) ** 2, params=config.tissue)
+    finally:
+        slide.close()
+    tissue.save_png(out_dir / "masks" / f"{sid}.png")
+    grid = patch_grid(
+        info,
+        tissue,
+        patch_size=config.patch_size,
+        step_size=config.step_size,
+        target_magnification=config.target_magnification,
+        slide_magnification=config.slide_magnification,
+        min_tissue=config.min_tissue,
+    )
+    if len(grid) == 0:
+        from PIL import Image
+
+        sat = np.asarray(Image.fromarray(tissue.thumbnail).convert("HSV"))[..., 1]
+        raw = float((sat > config.tissue.sthresh).mean())
+        raise DataError(
+            f"slide {slide_path}: no tissue patch ({100 * raw:.1f}% of the thumbnail is above the "
+            f"saturation threshold, {100 * tissue.tissue_fraction:.1f}% is left after dropping regions "
+            f"under a_t={config.tissue.a_t:g} patch footprints, and no {config.patch_size}px patch at "
+            f"{config.target_magnification:g}x has >= {config.min_tissue:.0%} tissue); expected stained "
+            "tissue, or lower --sthresh / --a-t / --min-tissue"
+        )
+    keep = _subsample(len(grid), config.max_patches)
+    grid.coords, grid.tissue = grid.coords[keep], grid.tissue[keep]
+    write_patches_h5(out_dir / "patches" / f"{sid}.h5", grid, sid)
+    if config.features:
+        from gimplib.data.wsi.features import build_encoder, extract_features
+
+        if encoder is None:
+            encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+        feats = extract_features(
+            slide_path,
+            grid.coords,
+            encoder,
+            level=grid.patch_level,
+            read_size=grid.patch_size,
+            out_size=config.out_size,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            device=config.device,
+            half=config.half,
+            progress=progress,
+        )
+        if not np.isfinite(feats).all():
+            raise DataError(f"slide {slide_path}: the encoder produced NaN/inf features")
+        write_bag(out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, out_dir / "h5_files"))
+        write_bag_pt(out_dir / "pt_files" / f"{sid}.pt", feats)
+    return {
+        "slide_id": sid,
+        "n_patches": len(grid),
+        "seconds": round(time.perf_counter() - start, 3),
+        "patch_level": grid.patch_level,
+        "patch_size": grid.patch_size,
+        "tissue_fraction": round(tissue.tissue_fraction, 4),
+    }
+
+
+def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
+    import gimplib
+
+    settings = asdict(config)
+    settings["encoder"] = encoder_desc if config.features else None
+    versions = {"gimplib": gimplib.__version__}
+    for mod in ("torch", "torchvision", "openslide"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    settings["versions"] = versions
+    return settings
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    old = load_json(path)
+    keys = RESULT_KEYS
+    if old.get("features") is False and settings.get("features"):  # CLAM's two steps: patch, then embed
+        keys = tuple(k for k in RESULT_KEYS if k not in ("features", "encoder"))
+    diff = [k for k in keys if old.get(k) != settings.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        raise DataError(
+            f"{path}: this folder was made with other settings ({detail}); use another output "
+            "folder, or overwrite=True (--overwrite) to redo every slide"
+        )
+
+
+def _is_done(out_dir: Path, sid: str, features: bool) -> bool:
+    if features:
+        return (out_dir / "h5_files" / f"{sid}.h5").is_file() and (out_dir / "pt_files" / f"{sid}.pt").is_file()
+    return (out_dir / "patches" / f"{sid}.h5").is_file()
+
+
+def _write_status(path: Path, rows: list[dict]) -> None:
+    new = pd.DataFrame(rows, columns=STATUS_COLUMNS)
+    if path.is_file():
+        old = pd.read_csv(path, dtype={"slide_id": str})
+        new = pd.concat([old[~old.slide_id.isin(new.slide_id)], new], ignore_index=True)
+    with atomic_path(path) as tmp:
+        new.to_csv(tmp, index=False)
+
+
+def process_slides(
+    source: str | os.PathLike | Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: ExtractConfig | None = None,
+    *,
+    overwrite: bool = False,
+    labels: str | os.PathLike | pd.DataFrame | None = None,
+    extensions: Iterable[str] = SLIDE_EXTENSIONS,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Turn a folder of slides into a CLAM cohort folder; resumable, one failure does not stop the rest.
+
+    Args:
+        source: a folder of slides, one slide file, or a list of slide files.
+        out_dir: the cohort folder.
+        config: settings (default :class:`ExtractConfig`).
+        overwrite: redo slides already done (and accept changed settings).
+        labels: a table (csv/tsv path or DataFrame) with ``label`` and ``slide_id`` and/or
+            ``case_id``; when given, ``dataset.csv`` is written/updated for every bag.
+        extensions: slide file extensions looked for in a folder.
+        progress: tqdm bar over slides.
+
+    Returns:
+        One row per slide of this call: slide_id, status ("done", "skipped", "failed"),
+        n_patches, seconds, error, path. The same rows are merged into ``extract_status.csv``.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or ExtractConfig()
+    out_dir = Path(out_dir)
+    slides = find_slides(source, extensions)
+    ids = [slide_id_of(p) for p in slides]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DataError(f"{source}: several slide files share the slide id(s) {dupes}")
+    todo = [p for p, sid in zip(slides, ids) if overwrite or not _is_done(out_dir, sid, config.features)]
+    encoder, desc = None, None
+    if config.features:
+        from gimplib.data.wsi.features import build_encoder, weights_description
+
+        desc = weights_description(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+    settings = _settings(config, desc)
+    settings_path = out_dir / "extract_settings.json"
+    if settings_path.is_file() and not overwrite:
+        _check_settings(settings_path, settings)
+    if config.features and todo:  # fails early (missing weights) before any slide is touched
+        encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if todo or not settings_path.is_file():
+        save_json(settings_path, settings)
+    status_path = out_dir / "extract_status.csv"
+    rows = []
+    bar = tqdm(list(zip(slides, ids)), desc="slides", disable=not progress)
+    for path, sid in bar:
+        bar.set_postfix_str(sid[:40])
+        row = {"slide_id": sid, "path": str(path), "error": ""}
+        if path not in todo:
+            if config.features:
+                n = bag_info(out_dir / "h5_files" / f"{sid}.h5")[0]
+            else:
+                n = len(read_patches_h5(out_dir / "patches" / f"{sid}.h5")[0])
+            row.update(status="skipped", n_patches=n, seconds=0.0)
+        else:
+            start = time.perf_counter()
+            try:
+                result = process_slide(path, out_dir, config, encoder=encoder, progress=False)
+                row.update(status="done", n_patches=result["n_patches"], seconds=result["seconds"])
+            except Exception as err:  # one bad slide must not stop a night's run
+                row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
+                tqdm.write(f"failed: {sid}: {err}", file=sys.stderr)
+        rows.append(row)
+        _write_status(status_path, [row])
+    if labels is not None:
+        update_dataset_csv(out_dir, labels)
+    return pd.DataFrame(rows, columns=STATUS_COLUMNS)
+
+
+def update_dataset_csv(out_dir: str | os.PathLike, labels: str | os.PathLike | pd.DataFrame) -> Path:
+    """Write ``out_dir/dataset.csv`` (case_id, slide_id, label) for every bag in ``h5_files/``.
+
+    Labels are matched by ``slide_id`` when the table has that column, else by ``case_id``
+    (for TCGA slide ids, the first 12 characters, e.g. ``TCGA-05-4244``; otherwise the
+    slide id). Rows of an existing dataset.csv keep their label when the table has none.
+
+    Args:
+        out_dir: the cohort folder.
+        labels: csv/tsv path or DataFrame with ``label`` and ``slide_id`` and/or ``case_id``.
+
+    Returns:
+        The path of dataset.csv.
+
+    Raises:
+        DataError: naming the labels file when columns are missing or a bag has no label.
+    """
+    out_dir = Path(out_dir)
+    name = "labels table" if isinstance(labels, pd.DataFrame) else str(labels)
+    if not isinstance(labels, pd.DataFrame):
+        sep = "\t" if str(labels).endswith((".tsv", ".txt")) else ","
+        labels = pd.read_csv(labels, sep=sep, dtype=str)
+    if "label" not in labels or not ({"slide_id", "case_id"} & set(labels.columns)):
+        raise DataError(f"{name}: columns {list(labels.columns)}; expected 'label' and 'slide_id' and/or 'case_id'")
+    labels = labels.astype(str)
+    by_slide = dict(zip(labels.slide_id, labels.label)) if "slide_id" in labels else {}
+    by_case = dict(zip(labels.case_id, labels.label)) if "case_id" in labels else {}
+    case_of_slide = dict(zip(labels.slide_id, labels.case_id)) if {"slide_id", "case_id"} <= set(labels.columns) else {}
+    dataset_path = out_dir / "dataset.csv"
+    old = pd.read_csv(dataset_path, dtype=str) if dataset_path.is_file() else pd.DataFrame(columns=["case_id", "slide_id", "label"])
+    old_label = dict(zip(old.slide_id, old.label))
+    old_case = dict(zip(old.slide_id, old.case_id))
+    rows, missing = [], []
+    for h5 in sorted((out_dir / "h5_files").glob("*.h5")):
+        sid = h5.stem
+        case = case_of_slide.get(sid) or old_case.get(sid) or patient_id(sid)
+        label = by_slide.get(sid) or by_case.get(case) or old_label.get(sid)
+        if label is None:
+            missing.append(sid)
+            continue
+        rows.append({"case_id": case, "slide_id": sid, "label": label})
+    if missing:
+        raise DataError(f"{name}: no label for slide(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; expected one per bag in {out_dir / 'h5_files'}")
+    with atomic_path(dataset_path) as tmp:
+        pd.DataFrame(rows, columns=["case_id", "slide_id", "label"]).to_csv(tmp, index=False)
+    return dataset_path
