@@ -19,9 +19,11 @@ from gimplib.data.splits import (
     train_val_test_split,
     write_clam_split,
 )
+from gimplib.data.synthetic import PRESETS, generate_cohort, resolve_cohort_dir
 from gimplib.data.wsi import ExtractConfig, plot_attention_heatmap, process_slide, process_slides
 
 __all__ = [
+    "PRESETS",
     "Bag",
     "BagDataset",
     "BagReader",
@@ -33,6 +35,7 @@ __all__ = [
     "bag_info",
     "check_disjoint",
     "collate_bags",
+    "generate_cohort",
     "is_tcga_barcode",
     "kfold_splits",
     "load_cohort",
@@ -45,6 +48,7 @@ __all__ = [
     "read_clam_split",
     "read_gdc_expression",
     "read_gene_table",
+    "resolve_cohort_dir",
     "strip_version",
     "train_val_test_split",
     "write_bag",
