@@ -1,0 +1,344 @@
+"""GiMP: gene-induced multimodal pretraining (paper Sect. 2.3-2.4) and its fine-tuning model.
+
+Pretraining (:class:`GiMP`), per mini-batch of windows of patch features:
+
+1. Masked patch modelling (MPM): ``mask_ratio`` (0.5) of each window's *valid* positions
+   are chosen uniformly at random per sample; their projected tokens are replaced by a
+   learnable mask token, the aggregator runs on the whole sequence, and a light decoder
+   reconstructs the original ``in_dim`` features; ``L_rec`` is the L1 error on the masked
+   positions only (Eq. 3; :func:`gimplib.losses.masked_l1` -- mean over masked positions
+   and feature dimensions).
+2. Gene-induced triplets: ``L_tri`` (Eq. 4) on ``concat(CLS_img, CLS_ge)`` with squared
+   L2 distances and margin 0.8, triplets mined from the labels of the batch. ``CLS_ge``
+   comes from a gene encoder pretrained beforehand and *frozen* here (eval mode,
+   ``requires_grad=False``, run under ``torch.no_grad``; :meth:`GiMP.train` keeps it in
+   eval mode).
+3. ``L_pre = L_tri + L_rec``.
+
+Switches cover every row of the paper's Table 2: ``gene_encoder`` = GroupMSA / SNN / None,
+``use_mpm``, ``use_triplet`` (with ``gene_encoder=None`` the triplets are built from the
+image-only ``CLS_img``).
+
+Choices the paper leaves open (constructor arguments):
+
+* Mask token vs dropping (MAE): a mask token, inserted *after* the input projection
+  (``ReLU(Linear(x))``), as in BEiT/SimMIM: the mask token lives in the ``d``-dimensional
+  token space, and every position keeps its place in the sequence, which the package's
+  depth-wise residual convolution over neighbouring tokens relies on.
+* Decoder: a per-token MLP ``LayerNorm -> Linear(d, decoder_hidden=512) -> GELU ->
+  Linear(decoder_hidden, in_dim)`` on the aggregator's output tokens; the two Nystrom
+  layers already mix context, and SimMIM showed that a light head suffices.
+* ``triplet_input="masked"`` (default): ``CLS_img`` for the triplet loss is taken from the
+  same masked forward pass as the reconstruction (one pass; masking doubles as
+  augmentation). ``"full"`` runs a second, unmasked pass for it.
+* ``normalize="l2"`` (default): ``CLS_img`` and ``CLS_ge`` are each L2-normalised before
+  concatenation, so squared distances lie in [0, 8] and the margin 0.8 has a fixed scale
+  (raw LayerNorm outputs have norms around ``sqrt(d)``, which would make 0.8 negligible).
+  ``"none"`` uses the raw embeddings.
+* Mining ``"all"`` (batch-all) with the ``"active"`` reduction; ``"hard"`` is available
+  (see :func:`gimplib.losses.triplet_loss`).
+* Number of masked positions: ``floor(mask_ratio * n_valid)`` per sample.
+
+Fine-tuning (:class:`GiMPClassifier`): an MLP head on ``CLS_pat`` of a (pretrained)
+aggregator; :meth:`GiMPClassifier.from_pretrained` takes the aggregator weights out of a
+GiMP module, state dict or checkpoint file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gimplib.losses import masked_l1, triplet_loss
+from gimplib.models.aggregator import PatchAggregator
+from gimplib.models.heads import MLPHead
+from gimplib.utils import exists
+
+__all__ = ["GiMP", "GiMPClassifier", "aggregator_state_dict", "random_patch_mask"]
+
+
+def random_patch_mask(valid: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """Choose ``floor(ratio * n_valid)`` valid positions per sample uniformly at random.
+
+    Args:
+        valid: (b, n) bool, True for valid positions.
+        ratio: fraction of valid positions to mask, in (0, 1).
+        generator: optional torch generator (on ``valid``'s device) for reproducibility.
+
+    Returns:
+        (b, n) bool, True at the masked positions (always a subset of ``valid``).
+    """
+    assert valid.ndim == 2 and valid.dtype == torch.bool, f"valid must be bool (b, n), got {valid.dtype} {tuple(valid.shape)}"
+    scores = torch.rand(valid.shape, device=valid.device, generator=generator)
+    scores = scores.masked_fill(~valid, 2.0)  # invalid positions sort last
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    n_mask = torch.floor(valid.sum(dim=1) * ratio).long()
+    return rank < n_mask[:, None]
+
+
+class GiMP(nn.Module):
+    """GiMP pretraining model: Nystrom aggregator + MPM decoder + frozen gene encoder.
+
+    Args:
+        in_dim: patch feature width.
+        embed_dim: aggregator width ``d``.
+        gene_encoder: a pretrained GroupMSA / SNN (frozen here), or None (image only).
+        use_mpm: masked patch modelling (``L_rec``).
+        use_triplet: triplet loss (``L_tri``).
+        mask_ratio: fraction of valid positions masked per window.
+        margin: triplet margin.
+        mining: ``"all"`` (batch-all) or ``"hard"`` (batch-hard).
+        triplet_reduction: ``"active"`` or ``"valid"`` (batch-all only).
+        normalize: ``"l2"`` (each CLS L2-normalised before concatenation) or ``"none"``.
+        triplet_input: ``"masked"`` (CLS from the MPM pass) or ``"full"`` (extra unmasked pass).
+        decoder_hidden: hidden width of the MPM decoder MLP.
+        depth: aggregator layers.
+        num_heads: aggregator heads.
+        num_landmarks: Nystrom landmarks.
+        pinv_iterations: pseudo-inverse iterations.
+        dropout: aggregator dropout.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dim: int = 1024,
+        embed_dim: int = 512,
+        gene_encoder: nn.Module | None = None,
+        use_mpm: bool = True,
+        use_triplet: bool = True,
+        mask_ratio: float = 0.5,
+        margin: float = 0.8,
+        mining: str = "all",
+        triplet_reduction: str = "active",
+        normalize: str = "l2",
+        triplet_input: str = "masked",
+        decoder_hidden: int = 512,
+        depth: int = 2,
+        num_heads: int = 8,
+        num_landmarks: int = 256,
+        pinv_iterations: int = 6,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not (use_mpm or use_triplet):
+            raise ValueError("GiMP needs use_mpm or use_triplet (or both); with neither there is nothing to pretrain")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if normalize not in ("l2", "none"):
+            raise ValueError(f"normalize must be 'l2' or 'none', got {normalize!r}")
+        if triplet_input not in ("masked", "full"):
+            raise ValueError(f"triplet_input must be 'masked' or 'full', got {triplet_input!r}")
+        if mining not in ("all", "hard"):
+            raise ValueError(f"mining must be 'all' or 'hard', got {mining!r}")
+        self.use_mpm = use_mpm
+        self.use_triplet = use_triplet
+        self.mask_ratio = mask_ratio
+        self.margin = margin
+        self.mining = mining
+        self.triplet_reduction = triplet_reduction
+        self.normalize = normalize
+        self.triplet_input = triplet_input
+
+        self.aggregator = PatchAggregator(
+            in_dim=in_dim,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            num_landmarks=num_landmarks,
+            pinv_iterations=pinv_iterations,
+            dropout=dropout,
+        )
+        if use_mpm:
+            self.mask_token = nn.Parameter(torch.randn(embed_dim) * 0.02)
+            self.decoder = nn.Sequential(
+                nn.LayerNorm(embed_dim), nn.Linear(embed_dim, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, in_dim)
+            )
+        self.gene_encoder = gene_encoder
+        if exists(gene_encoder):
+            gene_encoder.requires_grad_(False)
+            gene_encoder.eval()
+
+    def train(self, mode: bool = True) -> "GiMP":
+        """Set train/eval mode; the frozen gene encoder always stays in eval mode."""
+        super().train(mode)
+        if exists(self.gene_encoder):
+            self.gene_encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser should see (everything but the frozen gene encoder)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) if self.normalize == "l2" else x
+
+    def forward(
+        self,
+        feats: Tensor,
+        mask: Tensor | None = None,
+        genes: Tensor | None = None,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """One pretraining forward; see :meth:`pretrain_step` (``forward`` so that DDP wraps it)."""
+        assert feats.ndim == 3, f"feats must be (b, n, D), got shape {tuple(feats.shape)}"
+        b, n, _ = feats.shape
+        valid = mask if exists(mask) else torch.ones(b, n, dtype=torch.bool, device=feats.device)
+        assert valid.shape == (b, n) and valid.dtype == torch.bool, (
+            f"mask must be bool (b, n) = {(b, n)}, got {valid.dtype} {tuple(valid.shape)}"
+        )
+        zero = feats.new_zeros(())
+
+        # MPM: replace the projected tokens of the masked positions by the mask token
+        tokens = self.aggregator.embed(feats)
+        loss_rec = zero
+        if self.use_mpm:
+            mpm = random_patch_mask(valid, self.mask_ratio, generator)
+            tokens = torch.where(mpm[..., None], self.mask_token.to(tokens.dtype), tokens)
+        out = self.aggregator.encode(tokens, mask)
+        if self.use_mpm:
+            loss_rec = masked_l1(self.decoder(out.tokens), feats, mpm)
+
+        # gene-induced triplets on concat(CLS_img, CLS_ge)
+        loss_tri = zero
+        if self.use_triplet:
+            if y is None:
+                raise ValueError("use_triplet=True needs the labels y (b,) to mine triplets")
+            cls_img = out.cls
+            if self.use_mpm and self.triplet_input == "full":
+                cls_img = self.aggregator(feats, mask).cls
+            emb = self._normalize(cls_img)
+            if exists(self.gene_encoder):
+                if genes is None:
+                    raise ValueError("this GiMP has a gene encoder, so pretrain_step needs genes (b, g)")
+                with torch.no_grad():
+                    cls_ge = self.gene_encoder(genes)
+                emb = torch.cat([emb, self._normalize(cls_ge).to(emb.dtype)], dim=-1)
+            loss_tri = triplet_loss(
+                emb, y, margin=self.margin, mining=self.mining, squared=True, reduction=self.triplet_reduction
+            )
+        return {"loss": loss_tri + loss_rec, "loss_tri": loss_tri, "loss_rec": loss_rec}
+
+    def pretrain_step(
+        self,
+        feats: Tensor,
+        mask: Tensor | None,
+        genes: Tensor | None,
+        y: Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Pretraining losses of one mini-batch (call ``loss.backward()`` on the result).
+
+        Args:
+            feats: (b, n, in_dim) windows of patch features.
+            mask: (b, n) bool, True for valid patches (None: all valid).
+            genes: (b, g) expression vectors (needed when a gene encoder is set).
+            y: (b,) labels for triplet mining (needed when ``use_triplet``).
+            generator: optional generator for the MPM masks.
+
+        Returns:
+            dict of scalar tensors: ``loss`` (= ``loss_tri + loss_rec``), ``loss_tri``,
+            ``loss_rec`` (a switched-off term is 0).
+        """
+        return self(feats, mask, genes, y, generator)
+
+
+def _load_state(source: Any) -> dict[str, Tensor]:
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if isinstance(source, (str, os.PathLike)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(source, dict):
+        raise TypeError(f"expected a GiMP module, a state dict or a checkpoint path, got {type(source).__name__}")
+    if "model" in source and isinstance(source["model"], dict):  # a gimplib.train checkpoint
+        source = source["model"]
+    return source
+
+
+def aggregator_state_dict(source: nn.Module | dict | str | os.PathLike) -> dict[str, Tensor]:
+    """The aggregator weights inside a GiMP module, state dict or checkpoint file.
+
+    Accepts a :class:`GiMP`, its ``state_dict()``, a checkpoint dict with a ``"model"``
+    entry, or a path to such a file; a DDP ``module.`` prefix is stripped.
+
+    Returns:
+        State dict of a :class:`PatchAggregator` (keys without the ``aggregator.`` prefix).
+    """
+    state = _load_state(source)
+    prefix = "aggregator."
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(prefix):
+            out[key[len(prefix) :]] = value
+    if not out:
+        raise KeyError(f"no '{prefix}*' weights found (first keys: {list(state)[:5]})")
+    return out
+
+
+class GiMPClassifier(nn.Module):
+    """Fine-tuning model: an MLP head on ``CLS_pat`` of a (pretrained) aggregator.
+
+    Args:
+        aggregator: the patch aggregator (e.g. from :meth:`from_pretrained`).
+        num_classes: output classes.
+        hidden: MLP hidden width (0 for a linear head).
+        dropout: MLP dropout.
+    """
+
+    def __init__(self, *, aggregator: PatchAggregator, num_classes: int = 2, hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+        self.head = MLPHead(in_dim=aggregator.embed_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
+
+    def forward(self, feats: Tensor, mask: Tensor | None = None, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Classify bags.
+
+        Args:
+            feats: (b, n, in_dim) patch features (a whole bag or a window).
+            mask: (b, n) bool, True for valid patches.
+            return_attn: also return the (b, n) CLS attention over patches.
+
+        Returns:
+            (b, num_classes) logits, and the attention when requested.
+        """
+        out = self.aggregator(feats, mask, return_attn=return_attn)
+        logits = self.head(out.cls)
+        return (logits, out.attn) if return_attn else logits
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: nn.Module | dict | str | os.PathLike,
+        *,
+        num_classes: int = 2,
+        hidden: int = 256,
+        dropout: float = 0.25,
+        **aggregator_kwargs: Any,
+    ) -> "GiMPClassifier":
+        """Build a classifier whose aggregator starts from GiMP-pretrained weights.
+
+        ``in_dim``, ``embed_dim``, ``depth`` and ``num_heads`` are read from the weights;
+        other aggregator settings (``num_landmarks``, ``pinv_iterations``, ``dropout``, ...)
+        come from ``aggregator_kwargs`` and must match pretraining for ``num_landmarks``.
+
+        Args:
+            source: a :class:`GiMP`, its state dict, a checkpoint dict or a checkpoint path.
+            num_classes: output classes.
+            hidden: MLP hidden width.
+            dropout: MLP dropout.
+            **aggregator_kwargs: extra :class:`PatchAggregator` arguments.
+        """
+        state = aggregator_state_dict(source)
+        embed_dim, in_dim = state["proj.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+        num_heads = state["layers.0.attn.res_conv.weight"].shape[0]
+        config = dict(in_dim=in_dim, embed_dim=embed_dim, depth=depth, num_heads=num_heads) | aggregator_kwargs
+        aggregator = PatchAggregator(**config)
+        aggregator.load_state_dict(state)
+        return cls(aggregator=aggregator, num_classes=num_classes, hidden=hidden, dropout=dropout)

@@ -1,0 +1,388 @@
+"""Contract tests on tiny configs: shapes, gradients, NaNs, masks, frozen encoders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from einops import rearrange
+
+from gimplib.models import (
+    SNN,
+    GiMP,
+    GiMPClassifier,
+    GroupMSA,
+    MLPHead,
+    NystromLayer,
+    PatchAggregator,
+    aggregator_state_dict,
+    random_patch_mask,
+)
+
+D_IN = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared, busy CPU, spinning OpenMP threads slow tiny ops ~50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _agg(**kw) -> PatchAggregator:
+    cfg = dict(in_dim=D_IN, embed_dim=16, num_heads=2, num_landmarks=4, dropout=0.0)
+    return PatchAggregator(**(cfg | kw))
+
+
+def _assert_all_grads(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
+    for name, p in module.named_parameters():
+        if name.startswith(skip):
+            continue
+        assert p.grad is not None, f"{name} received no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+# ---------------------------------------------------------------- gene encoders
+
+
+def test_groupmsa_shapes_grads_attention():
+    torch.manual_seed(0)
+    model = GroupMSA(num_genes=50, fragment_size=8, num_groups=3, embed_dim=16, num_heads=2, num_classes=2, dropout=0.0)
+    assert (model.num_fragments, model.group_size) == (7, 3)  # 7 fragments, last one padded; 2 empty slots
+    genes = torch.randn(4, 50)
+    cls, attn = model(genes, return_attn=True)
+    assert cls.shape == (4, 16) and attn.shape == (4, 3)
+    assert torch.all(attn > 0) and torch.all(attn.sum(1) < 1)
+    model.classify(genes).logsumexp(-1).sum().backward()
+    _assert_all_grads(model)
+
+
+def test_groupmsa_group_ranges_cover_the_genes_and_attribute_correctly():
+    model = GroupMSA(num_genes=50, fragment_size=8, num_groups=3, embed_dim=16, num_heads=2, dropout=0.0).eval()
+    ranges = model.group_gene_ranges()
+    assert ranges == [(0, 24), (24, 48), (48, 50)]
+    # a group's gene range is exactly what feeds its group token: changing genes outside
+    # group 0 leaves group 0's intra-group output unchanged. Checked through the CLS:
+    # changing only group 2's genes must change the output (the 2 genes are not dropped).
+    g = torch.randn(1, 50)
+    g2 = g.clone()
+    g2[0, 48:] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model(g), model(g2))
+
+
+def test_groupmsa_empty_slots_are_masked():
+    # with 7 fragments in 3 groups of 3, slots 8 and 9 are padding: the key mask hides them
+    model = GroupMSA(num_genes=50, fragment_size=8, num_groups=3, embed_dim=16, num_heads=2, dropout=0.0).eval()
+    assert model.slot_mask.tolist() == [[True] * 4, [True] * 4, [True, True, False, False]]
+    captured = {}
+
+    def keep_attention(module, inputs, output):
+        captured["attn"] = output[1]
+
+    handle = model.intra[0].register_forward_hook(keep_attention)
+    with torch.no_grad():
+        model(torch.randn(2, 50))
+    handle.remove()
+    attn = rearrange(captured["attn"], "(b g) h i j -> b g h i j", g=3)
+    assert torch.all(attn[:, 2, :, :, 2:] == 0)  # nobody attends to the empty slots
+    assert torch.all(attn[:, :2] > 0)
+
+
+def test_groupmsa_wrong_gene_count_is_named():
+    model = GroupMSA(num_genes=50, fragment_size=8, num_groups=3, embed_dim=16, num_heads=2)
+    with pytest.raises(AssertionError, match="built for 50 genes, got 49"):
+        model(torch.randn(2, 49))
+    with pytest.raises(RuntimeError, match="num_classes"):
+        model.classify(torch.randn(2, 50))
+
+
+def test_groupmsa_small_gene_count_with_defaults():
+    model = GroupMSA(num_genes=1000)  # 4 fragments, 16 groups: 12 groups carry only their token
+    cls, attn = model(torch.randn(2, 1000), return_attn=True)
+    assert cls.shape == (2, 256) and attn.shape == (2, 16) and torch.isfinite(cls).all()
+
+
+def test_groupmsa_smoke_at_60480_genes():
+    model = GroupMSA(num_genes=60_480, embed_dim=32, num_heads=2, num_classes=2)
+    assert (model.num_fragments, model.group_size) == (237, 15)
+    logits = model.classify(torch.randn(2, 60_480))
+    logits.sum().backward()
+    assert logits.shape == (2, 2) and torch.isfinite(model.to_fragment.weight.grad).all()
+
+
+def test_snn_shapes_grads():
+    torch.manual_seed(0)
+    model = SNN(num_genes=40, embed_dim=8, hidden=(16, 16), num_classes=3)
+    cls, attn = model(torch.randn(5, 40), return_attn=True)
+    assert cls.shape == (5, 8) and attn is None
+    model.classify(torch.randn(5, 40)).logsumexp(-1).sum().backward()
+    _assert_all_grads(model)
+
+
+def test_mlp_head():
+    head = MLPHead(in_dim=8, num_classes=3, hidden=4, dropout=0.0)
+    assert head(torch.randn(2, 8)).shape == (2, 3)
+    assert MLPHead(in_dim=8, num_classes=3, hidden=0)(torch.randn(2, 8)).shape == (2, 3)
+
+
+# ---------------------------------------------------------------- aggregator
+
+
+def test_aggregator_shapes_grads_no_nan():
+    torch.manual_seed(0)
+    agg = _agg()
+    out = agg(torch.randn(2, 23, D_IN), return_attn=True)
+    assert out.cls.shape == (2, 16) and out.tokens.shape == (2, 23, 16) and out.attn.shape == (2, 23)
+    assert torch.isfinite(out.tokens).all()
+    (out.cls.pow(2).sum() + out.tokens.pow(2).sum()).backward()
+    _assert_all_grads(agg)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_aggregator_padding_changes_nothing(grad):
+    """Junk rows under mask=False leave CLS, tokens and attention of the valid rows unchanged."""
+    torch.manual_seed(0)
+    agg = _agg().eval()
+    feats = torch.randn(2, 30, D_IN)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 19:] = False
+    junk = feats.clone()
+    junk[1, 19:] = 1e3 * torch.randn(11, D_IN)
+    with torch.set_grad_enabled(grad):
+        a = agg(feats, mask, return_attn=True)
+        b = agg(junk, mask, return_attn=True)
+        alone = agg(feats[1:, :19], return_attn=True)
+    assert torch.allclose(a.cls, b.cls, atol=1e-6) and torch.allclose(a.tokens, b.tokens, atol=1e-6)
+    assert torch.allclose(a.cls[1], alone.cls[0], atol=1e-6)
+    assert torch.allclose(a.tokens[1, :19], alone.tokens[0], atol=1e-6)
+    assert torch.allclose(a.attn[1, :19], alone.attn[0], atol=1e-7)
+    assert torch.all(a.attn[1, 19:] == 0) and torch.all(a.tokens[1, 19:] == 0)
+
+
+def test_package_mask_alone_would_leak():
+    """Why the aggregator compacts: the package's own mask lets padded rows shift the output."""
+    torch.manual_seed(0)
+    layer = _agg().layers[0].eval()
+    x = torch.randn(1, 13, 16)
+    xj = torch.cat([x, 5 * torch.randn(1, 6, 16)], dim=1)
+    mj = torch.cat([torch.ones(1, 13, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        plain = layer.attn(layer.norm(x), mask=torch.ones(1, 13, dtype=torch.bool))
+        padded = layer.attn(layer.norm(xj), mask=mj)[:, :13]
+    assert (plain - padded).abs().max() > 1e-4
+
+
+def test_aggregator_rejects_an_empty_bag_mask():
+    agg = _agg()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"batch item\(s\) \[1\]"):
+        agg(torch.randn(2, 5, D_IN), mask)
+
+
+@pytest.mark.parametrize("n", [4, 8, 9, 15, 40])
+def test_chunked_inference_matches_package_forward(n, monkeypatch):
+    """The chunked path (eval, no grad, long sequences) computes the package's formula."""
+    torch.manual_seed(n)
+    # n + 1 > 4 tokens: chunked. With 4 landmarks, n + 1 = 5 and 9 leave one landmark made
+    # of padding only (the package pads 3 rows in front of segments of 2 and 3 rows).
+    agg = _agg(chunk_size=4).eval()
+    ref = copy.deepcopy(agg)
+    ref.chunk_size = 10**9  # never chunked: the package's own forward
+    feats = torch.randn(1, n, D_IN)
+    calls = []
+    original = NystromLayer.forward_chunked_
+
+    def spy(self, x, chunk_size):
+        calls.append(x.shape[0])
+        return original(self, x, chunk_size)
+
+    monkeypatch.setattr(NystromLayer, "forward_chunked_", spy)
+    with torch.inference_mode():
+        a = agg(feats, return_attn=True)
+        assert calls == [n + 1, n + 1]  # both layers took the chunked path
+        b = ref(feats, return_attn=True)
+    assert len(calls) == 2  # the reference did not
+    assert torch.allclose(a.cls, b.cls, atol=1e-5)
+    assert torch.allclose(a.tokens, b.tokens, atol=1e-5)
+    assert torch.allclose(a.attn, b.attn, atol=1e-7)
+
+
+def test_cls_attention_is_the_exact_softmax_row():
+    torch.manual_seed(0)
+    agg = _agg().eval()
+    feats = torch.randn(1, 10, D_IN)
+    with torch.no_grad():
+        attn = agg(feats, return_attn=True).attn
+        # brute force: input of the last layer, full softmax attention, CLS row
+        x = torch.cat([agg.cls_token[None, None], agg.embed(feats)], dim=1)
+        x = agg.layers[0](x)
+        last = agg.layers[1]
+        q, k, _ = last.attn.to_qkv(last.norm(x)).chunk(3, dim=-1)
+        q, k = (rearrange(t, "b n (h d) -> b h n d", h=2) for t in (q, k))
+        full = (q @ k.transpose(-1, -2) * last.attn.scale).softmax(-1)
+        expected = full[:, :, 0, 1:].mean(1)
+    assert torch.allclose(attn, expected, atol=1e-7)
+
+
+# ---------------------------------------------------------------- MPM + GiMP
+
+
+def test_random_patch_mask_counts_and_validity():
+    valid = torch.ones(3, 20, dtype=torch.bool)
+    valid[1, 11:] = False
+    valid[2, 3:] = False
+    m = random_patch_mask(valid, 0.5, torch.Generator().manual_seed(0))
+    assert m.sum(1).tolist() == [10, 5, 1]
+    assert not (m & ~valid).any()
+    m2 = random_patch_mask(valid, 0.5, torch.Generator().manual_seed(1))
+    assert not torch.equal(m, m2)
+
+
+def _genes_encoder(kind: str, num_genes: int = 30):
+    if kind == "groupmsa":
+        return GroupMSA(num_genes=num_genes, fragment_size=8, num_groups=2, embed_dim=8, num_heads=2, num_classes=2)
+    if kind == "snn":
+        return SNN(num_genes=num_genes, embed_dim=8, hidden=(8,), num_classes=2)
+    return None
+
+
+def _gimp(kind="groupmsa", **kw) -> GiMP:
+    cfg = dict(in_dim=D_IN, embed_dim=16, num_heads=2, num_landmarks=4, dropout=0.0, decoder_hidden=8, margin=10.0)
+    return GiMP(gene_encoder=_genes_encoder(kind), **(cfg | kw))
+
+
+@pytest.mark.parametrize("kind", ["groupmsa", "snn", None])
+def test_gimp_pretrain_step_grads_and_frozen_encoder(kind):
+    torch.manual_seed(0)
+    model = _gimp(kind).train()
+    enc = model.gene_encoder
+    if enc is not None:
+        before = copy.deepcopy(enc.state_dict())
+        assert not enc.training and all(not p.requires_grad for p in enc.parameters())
+    feats, y = torch.randn(4, 20, D_IN), torch.tensor([0, 0, 1, 1])
+    genes = torch.randn(4, 30) if kind else None
+    out = model.pretrain_step(feats, None, genes, y)
+    assert set(out) == {"loss", "loss_tri", "loss_rec"}
+    assert torch.isclose(out["loss"], out["loss_tri"] + out["loss_rec"])
+    assert out["loss_tri"] > 0 and out["loss_rec"] > 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    _assert_all_grads(model, skip=("gene_encoder.",))
+    if enc is not None:
+        assert all(p.grad is None for p in enc.parameters())
+        assert not enc.training
+        torch.optim.SGD(model.trainable_parameters(), lr=0.1).step()
+        assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+        assert len(model.trainable_parameters()) == len(list(model.aggregator.parameters())) + 1 + len(list(model.decoder.parameters()))
+
+
+def test_gimp_genes_change_the_triplet_loss():
+    torch.manual_seed(0)
+    model = _gimp("groupmsa", use_mpm=False).eval()
+    feats, y = torch.randn(4, 20, D_IN), torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        a = model.pretrain_step(feats, None, torch.randn(4, 30), y)["loss_tri"]
+        b = model.pretrain_step(feats, None, torch.randn(4, 30), y)["loss_tri"]
+    assert a != b
+
+
+def test_gimp_table2_switches():
+    torch.manual_seed(0)
+    feats, y = torch.randn(4, 20, D_IN), torch.tensor([0, 1, 0, 1])
+    mpm_only = _gimp(None, use_triplet=False)
+    out = mpm_only.pretrain_step(feats, None, None, None)
+    assert out["loss_tri"] == 0 and out["loss_rec"] > 0
+    tri_only = _gimp("groupmsa", use_mpm=False)
+    assert not hasattr(tri_only, "decoder")
+    out = tri_only.pretrain_step(feats, None, torch.randn(4, 30), y)
+    assert out["loss_rec"] == 0 and out["loss_tri"] > 0
+    out = _gimp("groupmsa", triplet_input="full", normalize="none", mining="hard").pretrain_step(
+        feats, None, torch.randn(4, 30), y
+    )
+    assert out["loss_tri"] > 0 and out["loss_rec"] > 0
+    with pytest.raises(ValueError, match="nothing to pretrain"):
+        _gimp(None, use_mpm=False, use_triplet=False)
+    with pytest.raises(ValueError, match="needs genes"):
+        _gimp("snn").pretrain_step(feats, None, None, y)
+
+
+def test_gimp_mpm_respects_the_window_mask():
+    torch.manual_seed(0)
+    model = _gimp(None, use_triplet=False).eval()
+    feats = torch.randn(2, 20, D_IN)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 12:] = False
+    junk = feats.clone()
+    junk[1, 12:] = 1e3
+    g = torch.Generator().manual_seed(0)
+    a = model.pretrain_step(feats, mask, None, None, generator=g)["loss_rec"]
+    g = torch.Generator().manual_seed(0)
+    b = model.pretrain_step(junk, mask, None, None, generator=g)["loss_rec"]
+    assert torch.allclose(a, b)
+
+
+def test_classifier_from_pretrained(tmp_path):
+    torch.manual_seed(0)
+    gimp = _gimp("groupmsa", depth=3, num_heads=4)
+    path = tmp_path / "gimp_pretrain.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in gimp.state_dict().items()}, "epoch": 1}, path)
+    for source in (gimp, gimp.state_dict(), path):
+        clf = GiMPClassifier.from_pretrained(source, num_classes=3, hidden=8, dropout=0.0, num_landmarks=4)
+        assert len(clf.aggregator.layers) == 3 and clf.aggregator.embed_dim == 16
+        for k, v in gimp.aggregator.state_dict().items():
+            assert torch.equal(clf.aggregator.state_dict()[k], v), k
+    logits, attn = clf(torch.randn(2, 9, D_IN), return_attn=True)
+    assert logits.shape == (2, 3) and attn.shape == (2, 9)
+    logits.logsumexp(-1).sum().backward()
+    _assert_all_grads(clf)
+    with pytest.raises(KeyError, match="aggregator"):
+        aggregator_state_dict({"encoder.weight": torch.zeros(1)})
+
+
+def test_classifier_masks_padding():
+    torch.manual_seed(0)
+    clf = GiMPClassifier(aggregator=_agg(), num_classes=2, hidden=8, dropout=0.0).eval()
+    feats = torch.randn(1, 10, D_IN)
+    padded = torch.cat([feats, torch.randn(1, 5, D_IN)], dim=1)
+    mask = torch.arange(15)[None] < 10
+    with torch.no_grad():
+        assert torch.allclose(clf(feats), clf(padded, mask), atol=1e-6)
+
+
+def test_chunked_inference_batch_with_padding_matches_per_sample_package_forward():
+    torch.manual_seed(0)
+    agg = _agg(chunk_size=5).eval()
+    ref = copy.deepcopy(agg)
+    ref.chunk_size = 10**9
+    feats = torch.randn(2, 17, D_IN)
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[0, 11:] = False
+    with torch.no_grad():
+        out = agg(feats, mask, return_attn=True)
+        for i, n in enumerate((11, 17)):
+            alone = ref(feats[i : i + 1, :n], return_attn=True)
+            assert torch.allclose(out.cls[i], alone.cls[0], atol=1e-5)
+            assert torch.allclose(out.tokens[i, :n], alone.tokens[0], atol=1e-5)
+            assert torch.allclose(out.attn[i, :n], alone.attn[0], atol=1e-7)
+    assert torch.all(out.tokens[0, 11:] == 0) and torch.all(out.attn[0, 11:] == 0)
+
+
+def test_benchmarks_run_at_tiny_shapes():
+    """`python -m gimplib.bench step|slide` at tiny shapes: the JSON has its figures."""
+    from gimplib.bench import slide, step
+
+    res = step.run(
+        "--window-len 40 --in-dim 16 --embed-dim 8 --num-heads 2 --num-landmarks 8 --genes 100 "
+        "--gene-embed-dim 8 --warmup 0 --repeats 1 --matmul-size 64 --matmul-seconds 0.05 --device cpu".split()
+    )
+    assert res["gimplib"]["flops"] > 0 and res["reference"]["flops"] > 0
+    assert res["gimplib"]["seconds"] > 0 and res["matmul_fp32_gflops"] > 0
+    assert res["time_ratio_gimplib_over_reference"] > 0
+    res = slide.run("--sizes 30,50 --in-dim 16 --embed-dim 8 --num-heads 2 --num-landmarks 8 --chunk-size 16 --device cpu".split())
+    assert [c["patches"] for c in res["cases"]] == [30, 50]
+    assert all(c["finite"] and c["peak_gib"] > 0 for c in res["cases"])
