@@ -1,3 +1,23 @@
 """Models: GroupMSA and SNN gene encoders, the Nystrom patch aggregator, GiMP, heads."""
 
-__all__: list[str] = []
+from gimplib.models.aggregator import AggregatorOutput, NystromLayer, PatchAggregator, nystrom_attention_chunked
+from gimplib.models.gimp import GiMP, GiMPClassifier, aggregator_state_dict, random_patch_mask
+from gimplib.models.groupmsa import GroupMSA, TransformerBlock
+from gimplib.models.heads import MLPHead
+from gimplib.models.snn import SNN
+from gimplib.models import baselines  # noqa: F401  the compared systems (gimplib.models.baselines)
+
+__all__: list[str] = [
+    "AggregatorOutput",
+    "GiMP",
+    "GiMPClassifier",
+    "GroupMSA",
+    "MLPHead",
+    "NystromLayer",
+    "PatchAggregator",
+    "SNN",
+    "TransformerBlock",
+    "aggregator_state_dict",
+    "nystrom_attention_chunked",
+    "random_patch_mask",
+]

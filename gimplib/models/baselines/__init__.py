@@ -1,0 +1,103 @@
+"""The systems GiMP is compared against (Tables 1 and 2 and Fig. 2 of Jin et al. 2023).
+
+One module per system; each module's docstring cites the original paper and states what was
+adapted. Three kinds:
+
+* ``"pathology"``: slide-only MIL classifiers (ABMIL, DSMIL, CLAM-SB, CLAM-MB, TransMIL).
+* ``"fusion"``: pathology + genomics trained end to end, no pretraining (PORPOISE,
+  Pathomic Fusion, MCAT).
+* ``"pretrain"``: image-gene pretraining adapted from image-text methods (BioViL-, MGCA-,
+  REFERS-style) on GiMP's own encoders; they expose
+  ``pretrain_step(feats, mask, genes, y=None) -> dict(loss, ...)`` and
+  ``build_classifier(num_classes=...) -> GiMPClassifier`` (the same fine-tuning model as GiMP).
+
+Classifiers share one contract::
+
+    forward(feats (b, n, D), mask (b, n) bool | None = None, genes (b, G) | None = None,
+            y (b,) | None = None) -> dict(logits (b, C), loss_aux scalar, attn (b, n) | None)
+
+and are trained by minimising ``cross_entropy(logits, y) + loss_aux``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gimplib.models.baselines._pretrain import ImageGenePretrainer
+from gimplib.models.baselines.abmil import ABMIL
+from gimplib.models.baselines.biovil import BioViLStyle
+from gimplib.models.baselines.clam import CLAM_MB, CLAM_SB, smooth_top1_svm_loss
+from gimplib.models.baselines.dsmil import DSMIL
+from gimplib.models.baselines.mcat import MCAT
+from gimplib.models.baselines.mgca import MGCAStyle, sinkhorn_knopp
+from gimplib.models.baselines.pathomic import GatedBilinearFusion, PathomicFusion
+from gimplib.models.baselines.porpoise import PORPOISE
+from gimplib.models.baselines.refers import REFERSStyle
+from gimplib.models.baselines.transmil import TransMIL
+
+__all__ = [
+    "ABMIL",
+    "BASELINES",
+    "BASELINE_KINDS",
+    "BioViLStyle",
+    "CLAM_MB",
+    "CLAM_SB",
+    "DSMIL",
+    "GatedBilinearFusion",
+    "ImageGenePretrainer",
+    "MCAT",
+    "MGCAStyle",
+    "PORPOISE",
+    "PathomicFusion",
+    "REFERSStyle",
+    "TransMIL",
+    "build_baseline",
+    "sinkhorn_knopp",
+    "smooth_top1_svm_loss",
+]
+
+#: name -> class; build with ``build_baseline(name, **cfg)``.
+BASELINES: dict[str, type[nn.Module]] = {
+    "abmil": ABMIL,
+    "dsmil": DSMIL,
+    "clam_sb": CLAM_SB,
+    "clam_mb": CLAM_MB,
+    "transmil": TransMIL,
+    "porpoise": PORPOISE,
+    "pathomic": PathomicFusion,
+    "mcat": MCAT,
+    "biovil": BioViLStyle,
+    "mgca": MGCAStyle,
+    "refers": REFERSStyle,
+}
+
+#: name -> "pathology" | "fusion" | "pretrain" (fusion and pretrain systems need genes).
+BASELINE_KINDS: dict[str, str] = {
+    "abmil": "pathology",
+    "dsmil": "pathology",
+    "clam_sb": "pathology",
+    "clam_mb": "pathology",
+    "transmil": "pathology",
+    "porpoise": "fusion",
+    "pathomic": "fusion",
+    "mcat": "fusion",
+    "biovil": "pretrain",
+    "mgca": "pretrain",
+    "refers": "pretrain",
+}
+
+
+def build_baseline(name: str, **cfg) -> nn.Module:
+    """Build the baseline registered as ``name`` with keyword arguments ``cfg``.
+
+    Args:
+        name: a key of :data:`BASELINES` (case-insensitive; "-" and "_" are interchangeable).
+        **cfg: the system's constructor arguments (``in_dim``, ``num_classes``, ...).
+
+    Raises:
+        KeyError: naming the unknown system and listing the known ones.
+    """
+    key = name.lower().replace("-", "_")
+    if key not in BASELINES:
+        raise KeyError(f"unknown baseline {name!r}; known: {', '.join(sorted(BASELINES))}")
+    return BASELINES[key](**cfg)
