@@ -1,0 +1,119 @@
+"""``gimp-train``: the training tasks from the command line (the same functions the notebooks call).
+
+Examples::
+
+    gimp-train genes    --synthetic smoke --out runs/genes --num-epochs 20
+    gimp-train pretrain --data-dir cohort --out runs/pre --gene-ckpt runs/genes/best.pt --set window_len=6000
+    gimp-train finetune --data-dir cohort --out runs/ft --pretrained-ckpt runs/pre/checkpoint.pt
+    gimp-train baseline --data-dir cohort --out runs/abmil --name abmil --k 5 --fold 0
+
+``--set key=value`` passes any keyword of the task (values are read as YAML, so ``3``,
+``1e-4``, ``true``, ``[256, 256]`` work); ``model_kwargs.embed_dim=64`` sets a nested key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = ["main"]
+
+_REQUIRES = {"genes": ("genes",), "pretrain": ("slides",), "finetune": ("slides",), "baseline": ("slides",)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gimp-train", description="Train GiMP, its stages and its baselines.")
+    p.add_argument("task", choices=sorted(_REQUIRES), help="which training task to run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", type=Path, help="cohort folder in CLAM's layout")
+    src.add_argument("--synthetic", metavar="PRESET",
+                     help="generate/reuse a synthetic cohort (smoke, demo, paper) in OUT/cohort")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--name", help="baseline name (task baseline)")
+    p.add_argument("--gene-ckpt", type=Path, help="gene encoder best.pt (task pretrain)")
+    p.add_argument("--pretrained-ckpt", type=Path, help="pretraining checkpoint.pt (task finetune)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    p.add_argument("--clam-split", type=Path, help="a CLAM splits_{k}.csv to use instead")
+    p.add_argument("--k", type=int, help="number of folds (with --fold)")
+    p.add_argument("--fold", type=int, help="fold index of a patient-grouped k-fold split")
+    p.add_argument("--num-epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other task keyword")
+    p.add_argument("--overwrite", action="store_true", help="start afresh instead of reusing/resuming")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one task; print its metrics.json to stdout. Returns 0, or 1 on a data/config error."""
+    from gimplib.data.cohort import load_cohort
+    from gimplib.data.splits import kfold_splits, read_clam_split, train_val_test_split
+    from gimplib.train import checkpoint, pretraining, tasks
+    from gimplib.utils import DataError
+
+    args = _parser().parse_args(argv)
+    kwargs = _parse_sets(args.set)
+    for name in ("num_epochs", "lr", "batch_size", "seed"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    kwargs.update(out_dir=args.out, device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        if args.synthetic:
+            from gimplib.data.synthetic import generate_cohort
+
+            data_dir = generate_cohort(args.out / "cohort", preset=args.synthetic, progress=not args.no_progress)
+        else:
+            data_dir = args.data_dir
+        require = _REQUIRES[args.task]
+        if args.task == "pretrain" and args.gene_ckpt:
+            require = ("slides", "genes")
+        if args.task == "baseline" and kwargs.get("use_genes"):
+            require = ("slides", "genes")
+        cohort = load_cohort(data_dir, require=require)
+        if args.clam_split:
+            split = read_clam_split(args.clam_split, cohort)
+        elif args.fold is not None:
+            split = kfold_splits(cohort, k=args.k or 5, seed=args.split_seed)[args.fold]
+        else:
+            split = train_val_test_split(cohort, seed=args.split_seed)
+        if args.task == "genes":
+            result = tasks.train_gene_encoder(cohort, split, **kwargs)
+        elif args.task == "pretrain":
+            result = pretraining.pretrain_gimp(cohort, split, gene_encoder_ckpt=args.gene_ckpt, **kwargs)
+        elif args.task == "finetune":
+            result = pretraining.finetune(cohort, split, pretrained_ckpt=args.pretrained_ckpt, **kwargs)
+        else:
+            if not args.name:
+                raise SystemExit("task baseline needs --name (e.g. abmil, transmil, porpoise)")
+            result = tasks.train_baseline(args.name, cohort, split, **kwargs)
+    except (DataError, checkpoint.ConfigMismatchError, checkpoint.NonFiniteLossError, FileNotFoundError) as err:
+        print(f"gimp-train: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.metrics, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Run folders, gene preprocessing, data loaders and evaluation shared by the training tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from gimplib.metrics import classification_metrics
+from gimplib.train.engine import BEST, CHECKPOINT, HISTORY, compare_configs, normalize_config, to_device
+from gimplib.utils import DataError, exists, load_json, save_json
+
+__all__ = ["RunResult", "load_run"]
+
+CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.csv"
+RUN_FILES = (CHECKPOINT, BEST, HISTORY, METRICS, PREDICTIONS, CONFIG)
+SPLIT_PARTS = ("train", "val", "test")
+
+
+@dataclass
+class RunResult:
+    """The outcome of one training run (also rebuilt from its folder by :func:`load_run`).
+
+    Attributes:
+        out_dir: the run folder.
+        config: the run's configuration (``config.json``).
+        metrics: flat headline figures (``metrics.json``), e.g. ``best_epoch``,
+            ``val_accuracy``, ``test_accuracy``, ``test_auc``, ``test_auc_ci_low`` ...
+        history: one row per epoch (``metrics.csv``).
+        checkpoint: ``best.pt`` for supervised runs, ``checkpoint.pt`` for pretraining.
+        predictions: case_id, split, y, pred, prob_0..prob_{C-1} at the selected epoch
+            (``predictions.csv``), None for pretraining.
+    """
+
+    out_dir: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    history: pd.DataFrame
+    checkpoint: Path
+    predictions: pd.DataFrame | None = field(default=None, repr=False)
+
+
+def load_run(out_dir: str | os.PathLike) -> RunResult:
+    """Rebuild the :class:`RunResult` of a finished run from its folder."""
+    out_dir = Path(out_dir)
+    if not (out_dir / METRICS).is_file():
+        raise FileNotFoundError(f"{out_dir} holds no finished run (no {METRICS})")
+    config = load_json(out_dir / CONFIG)
+    ckpt = out_dir / BEST if (out_dir / BEST).is_file() else out_dir / CHECKPOINT
+    preds = pd.read_csv(out_dir / PREDICTIONS, dtype={"case_id": str}) if (out_dir / PREDICTIONS).is_file() else None
+    history = pd.read_csv(out_dir / HISTORY) if (out_dir / HISTORY).is_file() else pd.DataFrame()
+    return RunResult(out_dir, config, load_json(out_dir / METRICS), history, ckpt, preds)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run(out_dir: Path, config: Mapping[str, Any], overwrite: bool) -> RunResult | None:
+    """Reuse a finished run, check an unfinished one, or clear the folder (``overwrite``).
+
+    Returns:
+        The finished run's result when it can be reused, else None (train).
+    """
+    config = normalize_config(config)
+    if overwrite:
+        # every rank trains afresh; only rank 0 touches the files (no rank may see the old run)
+        if is_main_process():
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+            save_json(out_dir / CONFIG, config)
+        return None
+    if (out_dir / CONFIG).is_file():
+        compare_configs(load_json(out_dir / CONFIG), config, where=f"run folder {out_dir}")
+        if (out_dir / METRICS).is_file():
+            return load_run(out_dir)
+    elif (out_dir / METRICS).is_file():
+        raise DataError(f"{out_dir} holds {METRICS} but no {CONFIG}: not a gimplib run; use another out_dir")
+    if is_main_process():
+        save_json(out_dir / CONFIG, config)
+    return None
+
+
+def finish_run(out_dir: Path, metrics: Mapping[str, Any], predictions: pd.DataFrame | None) -> RunResult:
+    """Write predictions.csv and then metrics.json (the 'finished' marker), atomically."""
+    from gimplib.utils import atomic_path
+
+    if is_main_process():
+        if exists(predictions):
+            with atomic_path(out_dir / PREDICTIONS) as tmp:
+                predictions.to_csv(tmp, index=False)
+        save_json(out_dir / METRICS, dict(metrics))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return load_run(out_dir)
+
+
+# --------------------------------------------------------------------------- config pieces
+
+
+def split_summary(split: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """Sizes and a digest of a split: enough to tell two splits apart in a config."""
+    missing = [p for p in ("train", "val") if not split.get(p)]
+    if missing:
+        raise DataError(f"the split has no {' / '.join(missing)} cases; expected keys train, val (and test)")
+    text = "|".join(",".join(sorted(map(str, split.get(p, [])))) for p in SPLIT_PARTS)
+    out = {f"n_{p}": len(split.get(p, [])) for p in SPLIT_PARTS}
+    out["sha1"] = hashlib.sha1(text.encode()).hexdigest()[:16]
+    return out
+
+
+def cohort_summary(cohort: Any) -> dict[str, Any]:
+    return {
+        "data_dir": str(cohort.data_dir) if exists(cohort.data_dir) else None,
+        "label_names": list(cohort.label_names),
+        "n_cases": int(len(cohort.cases)),
+        "feat_dim": cohort.feat_dim,
+    }
+
+
+def check_ids(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
+    """Every case of the split is in the cohort, and no patient is in two parts."""
+    from gimplib.data.splits import check_disjoint
+
+    check_disjoint({p: list(split.get(p) or []) for p in SPLIT_PARTS})
+    known = set(map(str, cohort.cases.index))
+    for part in SPLIT_PARTS:
+        for cid in split.get(part, []):
+            if str(cid) not in known:
+                raise DataError(f"split part {part!r} names case {cid!r}, which the cohort does not hold")
+
+
+# --------------------------------------------------------------------------- genes
+
+
+def fit_gene_transform(cohort: Any, train_ids: Sequence[str], *, transform: str, standardize: bool,
+                       top_k_var: int | None) -> Any:
+    """A :class:`~gimplib.data.genes.GeneTransform` fitted on the training cases only."""
+    from gimplib.data.genes import GeneTransform
+
+    if not cohort.has_genes:
+        raise DataError(f"cohort {cohort.data_dir} has no gene table; this run needs genes")
+    return GeneTransform(transform=transform, standardize=standardize, top_k_var=top_k_var).fit(
+        cohort.genes.loc[list(train_ids)]
+    )
+
+
+def gene_matrix(cohort: Any, transform: Any, case_ids: Sequence[str]) -> np.ndarray:
+    """(len(case_ids), G) float32 transformed expression of ``case_ids``."""
+    return transform.transform(cohort.genes.loc[list(case_ids)])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def loader_for(dataset: Any, *, batch_size: int, collate_fn: Callable | None, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
+
+
+@torch.no_grad()
+def predict(logits_fn: Callable[[Mapping[str, Any]], torch.Tensor], loader: DataLoader, device: torch.device,
+            *, desc: str = "predict", progress: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Run ``logits_fn(batch) -> (b, C)`` over a loader.
+
+    Returns:
+        case_ids, y (n,) int64, prob (n, C) float64 (softmax of the logits).
+    """
+    ids, ys, probs = [], [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        batch = to_device(batch, device)
+        logits = logits_fn(batch).float()
+        probs.append(torch.softmax(logits, dim=-1).cpu().double().numpy())
+        ys.append(batch["y"].reshape(-1).cpu().numpy())
+        cid = batch["case_id"]
+        ids.extend([cid] if isinstance(cid, str) else list(cid))
+    return ids, np.concatenate(ys).astype(np.int64), np.concatenate(probs)
+
+
+def summarize(prefix: str, y: np.ndarray, prob: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """``classification_metrics`` with keys prefixed (``val_accuracy``, ...) and the mean NLL as ``<prefix>_loss``."""
+    m = classification_metrics(y, prob, n_boot=n_boot, seed=seed)
+    m["loss"] = float(-np.mean(np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None))))
+    return {f"{prefix}_{k}": v for k, v in m.items()}
+
+
+def epoch_eval_fn(logits_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor], loader: DataLoader,
+                  device_of: Callable[[], torch.device]) -> Callable[[nn.Module], dict[str, float]]:
+    """The per-epoch validation used to pick the best epoch (no bootstrap: it is fast)."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        _, y, prob = predict(lambda b: logits_fn(model, b), loader, device_of())
+        m = summarize("val", y, prob, n_boot=0, seed=0)
+        return {k: v for k, v in m.items() if isinstance(v, float)}
+
+    return evaluate
+
+
+def final_evaluation(logits_fn: Callable[[Mapping[str, Any]], torch.Tensor], loaders: Mapping[str, DataLoader],
+                     device: torch.device, *, n_boot: int, seed: int,
+                     progress: bool) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics with bootstrap CIs and a predictions table for each named loader (val, test)."""
+    metrics: dict[str, Any] = {}
+    tables = []
+    for part, loader in loaders.items():
+        ids, y, prob = predict(logits_fn, loader, device, desc=part, progress=progress)
+        metrics.update(summarize(part, y, prob, n_boot=n_boot, seed=seed))
+        table = pd.DataFrame({"case_id": ids, "split": part, "y": y, "pred": prob.argmax(1)})
+        for c in range(prob.shape[1]):
+            table[f"prob_{c}"] = prob[:, c]
+        tables.append(table)
+    return metrics, pd.concat(tables, ignore_index=True)
+
+
+def bag_sets(cohort: Any, split: Mapping[str, Sequence[str]], *, input: str, window_len: int,
+              max_patches: int | None, seed: int, gt: Any = None) -> dict[str, Any]:
+    from gimplib.data.datasets import BagDataset, WindowDataset
+
+    if input not in ("bag", "window"):
+        raise ValueError(f"input must be 'bag' or 'window', got {input!r}")
+    if not cohort.has_slides:
+        raise DataError(f"cohort {cohort.data_dir} has no slides; this run needs patch features")
+    sets = {}
+    for part in ("train", "val", "test"):
+        ids = list(split.get(part) or [])
+        if not ids:
+            continue
+        gm = gene_matrix(cohort, gt, ids) if exists(gt) else None
+        if part == "train" and input == "window":
+            sets[part] = WindowDataset(cohort, ids, window_len=window_len, gene_matrix=gm, seed=seed)
+        else:  # evaluation always sees whole bags
+            sets[part] = BagDataset(cohort, ids, gene_matrix=gm, max_patches=max_patches if part == "train" else None,
+                                    seed=seed)
+    return sets

@@ -1,0 +1,183 @@
+"""Models back from checkpoints: rebuild, load the gene transform, embed cases (CLS vectors)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gimplib.train.checkpoint import load_checkpoint
+from gimplib.train.common import gene_matrix
+from gimplib.utils import exists, get_device
+
+__all__ = ["Task", "build_gimp", "embed", "gene_encoder", "load_gene_transform", "load_model"]
+
+
+class Task(nn.Module):
+    """Puts a model's training computation in ``forward``, so that DDP sees it.
+
+    Args:
+        net: the model.
+        kind: ``"genes"`` (``net.classify(genes)``), ``"pretrain"`` (``net.pretrain_step``),
+            ``"classifier"`` (``net(feats, mask)``) or ``"baseline"`` (the baseline contract).
+
+    ``state_dict`` / ``load_state_dict`` are the model's own, so checkpoints carry its keys.
+    """
+
+    def __init__(self, net: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    # checkpoints hold the model's own keys ("aggregator.proj.weight", not "net.aggregator...")
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, batch: Mapping[str, Any], with_y: bool = True) -> dict[str, torch.Tensor]:
+        if self.kind == "genes":
+            return {"logits": self.net.classify(batch["genes"])}
+        if self.kind == "pretrain":
+            return dict(self.net.pretrain_step(batch["feats"], batch["mask"], batch.get("genes"), batch["y"]))
+        if self.kind == "classifier":
+            return {"logits": self.net(batch["feats"], batch["mask"])}
+        out = self.net(batch["feats"], mask=batch["mask"], genes=batch.get("genes"), y=batch["y"] if with_y else None)
+        return {"logits": out["logits"], "loss_aux": out["loss_aux"]}
+
+
+def gene_encoder(encoder: str, **kwargs: Any) -> nn.Module:
+    """Build ``"groupmsa"`` (:class:`GroupMSA`) or ``"snn"`` (:class:`SNN`) with ``kwargs``."""
+    from gimplib.models.groupmsa import GroupMSA
+    from gimplib.models.snn import SNN
+
+    encoders = {"groupmsa": GroupMSA, "snn": SNN}
+    if encoder not in encoders:
+        raise ValueError(f"encoder must be one of {sorted(encoders)}, got {encoder!r}")
+    return encoders[encoder](**kwargs)
+
+
+def build_gimp(config: Mapping[str, Any], in_dim: int, *, load_weights: bool) -> nn.Module:
+    """A :class:`GiMP` from a pretraining config; the gene encoder's weights are loaded from its
+    checkpoint when ``load_weights`` (a new run), else only its structure is built (they are then
+    part of the GiMP checkpoint being loaded)."""
+    from gimplib.models.gimp import GiMP
+
+    gene_cfg = config["gene_encoder"]
+    encoder = None
+    if exists(gene_cfg):
+        if load_weights:
+            encoder = load_model(gene_cfg["ckpt"])
+        else:
+            encoder = gene_encoder(gene_cfg["encoder"], **gene_cfg["build"])
+    return GiMP(**{"in_dim": in_dim, **config["model_kwargs"]}, gene_encoder=encoder)
+
+
+def load_gene_transform(path: str | os.PathLike) -> Any:
+    """The fitted :class:`~gimplib.data.genes.GeneTransform` stored in a checkpoint, or None."""
+    from gimplib.data.genes import GeneTransform
+
+    ckpt = load_checkpoint(path)
+    return GeneTransform.from_state_dict(ckpt["gene_transform"]) if "gene_transform" in ckpt else None
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a checkpoint from its config and load its weights (eval mode).
+
+    Returns:
+        gene run -> GroupMSA / SNN (with ``classify``); pretraining -> GiMP; baseline
+        pretraining -> that pretrainer (BioViL-/MGCA-/REFERS-style); fine-tuning ->
+        GiMPClassifier; baseline -> that system.
+    """
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    task = cfg.get("task")
+    in_dim = cfg["cohort"]["feat_dim"]
+    if task == "genes":
+        net, kind = gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
+    elif task == "pretrain":
+        net, kind = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
+    elif task == "finetune":
+        from gimplib.models.aggregator import PatchAggregator
+        from gimplib.models.gimp import GiMPClassifier
+
+        net = GiMPClassifier(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]),
+                             num_classes=len(cfg["cohort"]["label_names"]), **cfg["head_kwargs"])
+        kind = "classifier"
+    elif task == "pretrain_baseline":
+        from gimplib.models.baselines import build_baseline
+
+        source = cfg["gene_encoder"]
+        encoder = gene_encoder(source["encoder"], **source["build"]) if exists(source) else None
+        net, kind = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
+    elif task == "baseline":
+        from gimplib.models.baselines import build_baseline
+
+        net, kind = build_baseline(cfg["name"], **ckpt["build"]), "baseline"
+    else:
+        raise ValueError(f"{path}: unknown task {task!r} in the checkpoint's config")
+    task_module = Task(net, kind)
+    task_module.load_state_dict(ckpt["model"])
+    return net.to(get_device(device)).eval()
+
+
+@torch.no_grad()
+def embed(
+    model_or_ckpt: nn.Module | str | os.PathLike,
+    cohort: Any,
+    case_ids: Sequence[str],
+    *,
+    input: str = "bag",
+    window_len: int = 6000,
+    max_patches: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> np.ndarray:
+    """CLS embeddings of cases, e.g. for t-SNE.
+
+    Args:
+        model_or_ckpt: a checkpoint path or a model: GiMP / GiMPClassifier /
+            PatchAggregator give ``CLS_pat`` of the aggregator; a gene encoder
+            (checkpoint of :func:`train_gene_encoder`) gives ``CLS_ge``.
+        cohort: the cohort holding ``case_ids``.
+        case_ids: cases to embed.
+        input: ``"bag"`` (whole bags; ``max_patches`` subsamples) or ``"window"`` (one
+            window of ``window_len`` per case, seed 0).
+        device, progress: runtime options.
+
+    Returns:
+        (len(case_ids), d) float32 array, rows in ``case_ids`` order.
+    """
+    from gimplib.data.datasets import BagDataset, WindowDataset
+    from gimplib.models.aggregator import PatchAggregator
+
+    dev = get_device(device)
+    ids = list(case_ids)
+    if isinstance(model_or_ckpt, nn.Module):
+        net, transform = model_or_ckpt, None
+    else:
+        net, transform = load_model(model_or_ckpt), load_gene_transform(model_or_ckpt)
+    net = net.to(dev).eval()
+    if hasattr(net, "classify") and not hasattr(net, "aggregator"):  # a gene encoder: CLS_ge
+        if transform is None:
+            raise ValueError("embedding with a gene encoder needs its checkpoint (for the fitted gene transform)")
+        genes = torch.from_numpy(gene_matrix(cohort, transform, ids))
+        return torch.cat([net(chunk.to(dev)).float().cpu() for chunk in genes.split(256)]).numpy()
+
+    aggregator = net if isinstance(net, PatchAggregator) else getattr(net, "aggregator", None)
+    if aggregator is None:
+        raise ValueError(f"cannot embed with a {type(net).__name__}: it has no aggregator")
+    if input == "window":
+        data = WindowDataset(cohort, ids, window_len=window_len, seed=0)
+    else:
+        data = BagDataset(cohort, ids, max_patches=max_patches, seed=0)
+    out = []
+    for i in tqdm(range(len(data)), desc="embed", disable=not progress, leave=False):
+        item = data[i]
+        cls = aggregator(item["feats"][None].to(dev), item["mask"][None].to(dev)).cls
+        out.append(cls[0].float().cpu().numpy())
+    return np.stack(out).astype(np.float32)

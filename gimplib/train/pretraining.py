@@ -1,0 +1,364 @@
+"""GiMP's own stages: pretraining (MPM + gene-induced triplets), fine-tuning, and the pipeline.
+
+Choices the paper leaves open, made here (all exposed as parameters):
+
+* pretraining uses the training cases only and keeps its last epoch (the paper has no
+  selection criterion for it); its validation loss is logged with fixed masks/windows;
+* fine-tuning trains on whole bags (``input="bag"``) by default and always evaluates on
+  whole bags; ``input="window"`` trains on random contiguous windows of ``window_len``;
+* the aggregator is fine-tuned together with the MLP head (``freeze_aggregator=False``);
+* the fine-tuned epoch is picked on validation ``accuracy`` (ties: lower validation loss).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gimplib.train.checkpoint import load_checkpoint
+from gimplib.train.common import (
+    RunResult,
+    bag_sets,
+    finish_run,
+    fit_gene_transform,
+    gene_matrix,
+    loader_for,
+    prepare_run,
+)
+from gimplib.train.engine import fit, to_device
+from gimplib.train.inference import Task, build_gimp, load_gene_transform, load_model
+from gimplib.train.tasks import engine_options, make_config, run_supervised, train_gene_encoder
+from gimplib.utils import DataError, exists, seed_everything
+
+__all__ = ["finetune", "gimp_pipeline", "pretrain_baseline", "pretrain_gimp"]
+
+
+def pretrain_gimp(
+    cohort: Any,
+    split: Mapping[str, Sequence[str]],
+    *,
+    out_dir: str | os.PathLike,
+    gene_encoder_ckpt: str | os.PathLike | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    window_len: int = 6000,
+    num_epochs: int = 100,
+    batch_size: int = 8,
+    device: str = "auto",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    **common: Any,
+) -> RunResult:
+    """GiMP pretraining (Sect. 2.3-2.4): MPM reconstruction + gene-induced triplets.
+
+    Each training case contributes one random contiguous window of ``window_len`` patches
+    per epoch (shorter bags are tiled). The gene encoder (from :func:`train_gene_encoder`)
+    is frozen; without one, triplets are built from the image CLS alone.
+
+    Args:
+        cohort: a cohort with slides (and genes when ``gene_encoder_ckpt`` is given).
+        split: training cases are used for training, validation cases for a logged loss.
+        out_dir: run folder.
+        gene_encoder_ckpt: ``best.pt`` of a :func:`train_gene_encoder` run, or None.
+        model_kwargs: :class:`~gimplib.models.gimp.GiMP` arguments (``embed_dim``, ``depth``,
+            ``num_heads``, ``num_landmarks``, ``use_mpm``, ``use_triplet``, ``mask_ratio``,
+            ``margin``, ``mining``, ...); ``in_dim`` and the gene encoder are set here.
+        window_len: patches per window (paper: 6000).
+        num_epochs, batch_size: training length and windows per batch.
+        device, num_workers, overwrite, progress: runtime options.
+        **common: as for :func:`train_gene_encoder`.
+
+    Returns:
+        :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch) and metrics
+        ``train_loss``, ``train_loss_tri``, ``train_loss_rec`` (last epoch) and ``val_loss*``.
+    """
+    out_dir = Path(out_dir)
+    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
+    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    gene_cfg = _gene_encoder_source(gene_encoder_ckpt)
+    config = make_config("pretrain", cohort, split, model_kwargs=dict(model_kwargs or {}), gene_encoder=gene_cfg,
+                         window_len=window_len, **opts)
+    done = prepare_run(out_dir, config, overwrite)
+    if done:
+        return done
+    _check_same_split(gene_encoder_ckpt, gene_cfg, config)
+    seed_everything(opts["seed"], opts["deterministic"])
+    gt = load_gene_transform(gene_encoder_ckpt) if exists(gene_encoder_ckpt) else None
+    net = build_gimp(config, cohort.feat_dim, load_weights=True)
+    extras = {"label_names": list(cohort.label_names)}
+    if exists(gt):
+        extras["gene_transform"] = gt.state_dict()
+    return _pretrain_run(net, cohort, split, gt=gt, config=config, out_dir=out_dir, window_len=window_len, opts=opts,
+                         extras=extras, device=device, num_workers=num_workers, progress=progress,
+                         callbacks=callbacks, desc="pretrain")
+
+
+def _gene_encoder_source(gene_encoder_ckpt: str | os.PathLike | None) -> dict[str, Any] | None:
+    """What a pretraining config records about the gene encoder checkpoint it starts from."""
+    if not exists(gene_encoder_ckpt):
+        return None
+    g = load_checkpoint(gene_encoder_ckpt)
+    if g["config"].get("task") != "genes":
+        raise DataError(f"{gene_encoder_ckpt}: expected a gene-encoder checkpoint, "
+                        f"found task {g['config'].get('task')!r}")
+    return {"ckpt": str(gene_encoder_ckpt), "encoder": g["config"]["encoder"], "build": g["build"],
+            "split_sha1": g["config"]["split"]["sha1"]}
+
+
+def _check_same_split(ckpt: Any, source: Mapping[str, Any] | None, config: Mapping[str, Any]) -> None:
+    if exists(source) and source["split_sha1"] != config["split"]["sha1"]:
+        raise DataError(f"{ckpt} was trained on another split ({source['split_sha1']} vs "
+                        f"{config['split']['sha1']}): its training cases may be this run's test cases")
+
+
+def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]], *, gt: Any, config: dict[str, Any],
+                  out_dir: Path, window_len: int, opts: Mapping[str, Any], extras: Mapping[str, Any], device: str,
+                  num_workers: int, progress: bool, callbacks: Sequence[Any], desc: str) -> RunResult:
+    """Self-supervised training on random windows of the training cases; the last epoch is kept."""
+    from gimplib.data.datasets import WindowDataset, collate_bags
+
+    def windows(ids: Sequence[str]) -> Any:
+        gm = gene_matrix(cohort, gt, ids) if exists(gt) else None
+        return WindowDataset(cohort, list(ids), window_len=window_len, gene_matrix=gm, seed=opts["seed"])
+
+    train_ds = windows(split["train"])
+    val_loader = loader_for(windows(split["val"]), batch_size=opts["batch_size"], collate_fn=collate_bags,
+                            num_workers=num_workers)
+
+    def step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return model(batch)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        # fixed windows and masks, so that epochs are comparable; the global RNG is untouched
+        sums: dict[str, float] = {}
+        dev = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(opts["seed"])
+            for batch in val_loader:
+                out = model(to_device(batch, dev))
+                for k, v in out.items():
+                    sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) / len(val_loader)
+        return sums
+
+    res = fit(Task(net, "pretrain"), train_ds, step_fn=step, out_dir=out_dir, config=config, collate_fn=collate_bags,
+              num_epochs=opts["num_epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
+              batch_size=opts["batch_size"], accumulate=opts["accumulate"], warmup_epochs=opts["warmup_epochs"],
+              grad_clip=opts["grad_clip"], amp=opts["amp"], device=device, seed=opts["seed"], num_workers=num_workers,
+              eval_fn=evaluate, extras=extras, callbacks=callbacks, progress=progress, desc=desc)
+    last = res.history.iloc[-1].to_dict()
+    metrics = {k: float(v) for k, v in last.items() if k.startswith(("train_", "val_"))}
+    metrics["epochs"] = int(last["epoch"]) + 1
+    return finish_run(out_dir, metrics, None)
+
+
+def pretrain_baseline(
+    name: str,
+    cohort: Any,
+    split: Mapping[str, Sequence[str]],
+    *,
+    out_dir: str | os.PathLike,
+    gene_encoder_ckpt: str | os.PathLike | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    gene_transform: str = "log2p1",
+    standardize: bool = True,
+    top_k_var: int | None = None,
+    window_len: int = 6000,
+    num_epochs: int = 100,
+    batch_size: int = 8,
+    device: str = "auto",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    **common: Any,
+) -> RunResult:
+    """Pretrain an image-gene baseline (``"biovil"``, ``"mgca"``, ``"refers"``) on the same windows as GiMP.
+
+    The result's ``checkpoint.pt`` plays the role of GiMP's: :func:`finetune` starts from its
+    aggregator and :func:`~gimplib.train.inference.embed` reads its ``CLS_pat``.
+
+    Args:
+        name: a ``"pretrain"`` system of :data:`gimplib.models.baselines.BASELINES`.
+        cohort, split, out_dir: as for :func:`pretrain_gimp` (the cohort needs genes).
+        gene_encoder_ckpt: a GroupMSA ``best.pt`` of :func:`train_gene_encoder` on the same
+            split to start the gene encoder from (trained jointly, as these methods' text
+            encoders are, unless ``model_kwargs`` sets ``freeze_gene_encoder=True``); its
+            gene transform is used. None: a fresh GroupMSA (``model_kwargs["gene_cfg"]``) on
+            a :class:`GeneTransform` fitted here with the settings below.
+        model_kwargs: the system's constructor arguments (``embed_dim``, ``depth``, ...);
+            ``in_dim``, ``num_classes`` and ``num_genes`` are filled in.
+        gene_transform, standardize, top_k_var: the transform when no ``gene_encoder_ckpt``.
+        window_len, num_epochs, batch_size: as for :func:`pretrain_gimp`.
+        device, num_workers, overwrite, progress: runtime options.
+        **common: as for :func:`train_gene_encoder`.
+
+    Returns:
+        :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch).
+    """
+    from gimplib.models.baselines import BASELINE_KINDS, build_baseline
+
+    out_dir = Path(out_dir)
+    key = name.lower().replace("-", "_")
+    if BASELINE_KINDS.get(key) != "pretrain":
+        known = sorted(k for k, v in BASELINE_KINDS.items() if v == "pretrain")
+        raise ValueError(f"{name!r} is not an image-gene pretraining baseline; known: {known}")
+    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
+    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    source = _gene_encoder_source(gene_encoder_ckpt)
+    transform = None if exists(source) else dict(transform=gene_transform, standardize=standardize,
+                                                   top_k_var=top_k_var)
+    config = make_config("pretrain_baseline", cohort, split, name=key, model_kwargs=dict(model_kwargs or {}),
+                         gene_encoder=source, gene_transform=transform, window_len=window_len, **opts)
+    done = prepare_run(out_dir, config, overwrite)
+    if done:
+        return done
+    _check_same_split(gene_encoder_ckpt, source, config)
+    seed_everything(opts["seed"], opts["deterministic"])
+    if exists(source):
+        gt, encoder = load_gene_transform(gene_encoder_ckpt), load_model(gene_encoder_ckpt)
+    else:
+        gt, encoder = fit_gene_transform(cohort, split["train"], **transform), None
+    build = {"in_dim": cohort.feat_dim, "num_classes": len(cohort.label_names), "num_genes": gt.num_genes,
+             **config["model_kwargs"]}
+    net = build_baseline(key, gene_encoder=encoder, **build)
+    extras = {"label_names": list(cohort.label_names), "gene_transform": gt.state_dict(), "build": build}
+    return _pretrain_run(net, cohort, split, gt=gt, config=config, out_dir=out_dir, window_len=window_len, opts=opts,
+                         extras=extras, device=device, num_workers=num_workers, progress=progress,
+                         callbacks=callbacks, desc=key)
+
+
+def _aggregator_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    from gimplib.models.aggregator import PatchAggregator
+
+    names = set(inspect.signature(PatchAggregator).parameters)
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def finetune(
+    cohort: Any,
+    split: Mapping[str, Sequence[str]],
+    *,
+    out_dir: str | os.PathLike,
+    pretrained_ckpt: str | os.PathLike | None = None,
+    aggregator_kwargs: Mapping[str, Any] | None = None,
+    head_kwargs: Mapping[str, Any] | None = None,
+    freeze_aggregator: bool = False,
+    input: str = "bag",
+    window_len: int = 6000,
+    max_patches: int | None = None,
+    num_epochs: int = 70,
+    batch_size: int = 1,
+    select: str = "accuracy",
+    device: str = "auto",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    **common: Any,
+) -> RunResult:
+    """Fine-tune an MLP head on ``CLS_pat`` (with the aggregator), keep the best epoch on val, report test.
+
+    Args:
+        cohort: a cohort with slides.
+        split: ``{"train", "val", "test"}`` case ids.
+        out_dir: run folder.
+        pretrained_ckpt: ``checkpoint.pt`` of :func:`pretrain_gimp` or :func:`pretrain_baseline`
+            (its aggregator is the starting point), or None to train from scratch (the "no
+            pretraining" row).
+        aggregator_kwargs: :class:`PatchAggregator` arguments; only without ``pretrained_ckpt``.
+        head_kwargs: :class:`MLPHead` ``hidden`` / ``dropout`` for the classifier.
+        freeze_aggregator: train the head only (a linear-probe-style evaluation).
+        input: ``"bag"`` (whole bags, optionally subsampled to ``max_patches`` during
+            training) or ``"window"`` (random contiguous windows of ``window_len``).
+        num_epochs, batch_size: paper: up to 70 epochs; bags are padded to a batch with masks.
+        select: validation metric that picks the best epoch.
+        device, num_workers, overwrite, progress: runtime options.
+        **common: as for :func:`train_gene_encoder`.
+
+    Returns:
+        :class:`RunResult` (val and test metrics of the best epoch, with bootstrap CIs).
+    """
+    from gimplib.data.datasets import collate_bags
+    from gimplib.models.aggregator import PatchAggregator
+    from gimplib.models.gimp import GiMPClassifier
+
+    out_dir = Path(out_dir)
+    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
+    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    pre_cfg = None
+    if exists(pretrained_ckpt):
+        if aggregator_kwargs:
+            raise ValueError("aggregator_kwargs come from pretrained_ckpt; do not pass both")
+        pre = load_checkpoint(pretrained_ckpt)
+        if pre["config"].get("task") not in ("pretrain", "pretrain_baseline"):
+            raise DataError(f"{pretrained_ckpt}: expected a pretrain_gimp / pretrain_baseline checkpoint, "
+                            f"found task {pre['config'].get('task')!r}")
+        pre_cfg = {"ckpt": str(pretrained_ckpt), "epoch": int(pre["epoch"]),
+                   "split_sha1": pre["config"]["split"]["sha1"]}
+        agg = _aggregator_kwargs({"in_dim": cohort.feat_dim, **pre["config"]["model_kwargs"]})
+    else:
+        agg = {"in_dim": cohort.feat_dim, **dict(aggregator_kwargs or {})}
+    config = make_config("finetune", cohort, split, pretrained=pre_cfg, aggregator_kwargs=agg,
+                         head_kwargs=dict(head_kwargs or {}), freeze_aggregator=freeze_aggregator, input=input,
+                         window_len=window_len, max_patches=max_patches, select=select, **opts)
+    done = prepare_run(out_dir, config, overwrite)
+    if done:
+        return done
+    if exists(pre_cfg) and pre_cfg["split_sha1"] != config["split"]["sha1"]:
+        raise DataError(f"{pretrained_ckpt} was pretrained on another split: its training cases may be test cases here")
+    seed_everything(opts["seed"], opts["deterministic"])
+    if exists(pre_cfg):
+        aggregator = load_model(pretrained_ckpt).aggregator
+    else:
+        aggregator = PatchAggregator(**agg)
+    net = GiMPClassifier(aggregator=aggregator, num_classes=len(cohort.label_names), **config["head_kwargs"])
+    if freeze_aggregator:
+        net.aggregator.requires_grad_(False)
+    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts["seed"])
+    extras = {"label_names": list(cohort.label_names)}
+    return run_supervised(kind="classifier", net=net, config=config, out_dir=out_dir,
+                          train_ds=sets.pop("train"), eval_sets=sets, collate_fn=collate_bags, opts=opts,
+                          select=select, extras=extras, device=device, num_workers=num_workers,
+                          progress=progress, eval_batch_size=1, callbacks=callbacks)
+
+
+def gimp_pipeline(
+    cohort: Any,
+    split: Mapping[str, Sequence[str]],
+    *,
+    out_dir: str | os.PathLike,
+    use_genes: bool = True,
+    gene_kwargs: Mapping[str, Any] | None = None,
+    pretrain_kwargs: Mapping[str, Any] | None = None,
+    finetune_kwargs: Mapping[str, Any] | None = None,
+    **shared: Any,
+) -> RunResult:
+    """GiMP end to end on one split: gene encoder -> pretraining -> fine-tuning.
+
+    Stages write to ``out_dir/genes``, ``out_dir/pretrain`` and ``out_dir/finetune`` (each
+    reused / resumed on its own), so :func:`kfold` can run the whole method per fold.
+
+    Args:
+        cohort, split, out_dir: as for the stages.
+        use_genes: False pretrains without a gene encoder (triplets on the image CLS alone).
+        gene_kwargs: keywords of :func:`train_gene_encoder`.
+        pretrain_kwargs: keywords of :func:`pretrain_gimp`.
+        finetune_kwargs: keywords of :func:`finetune`.
+        **shared: keywords given to every stage (``device``, ``seed``, ``progress``,
+            ``overwrite``, ``amp``, ...); a stage's own keywords win.
+
+    Returns:
+        The fine-tuning :class:`RunResult`.
+    """
+    out_dir = Path(out_dir)
+    gene_ckpt = None
+    if use_genes:
+        genes = train_gene_encoder(cohort, split, out_dir=out_dir / "genes", **{**shared, **dict(gene_kwargs or {})})
+        gene_ckpt = genes.checkpoint
+    pre = pretrain_gimp(cohort, split, out_dir=out_dir / "pretrain", gene_encoder_ckpt=gene_ckpt,
+                        **{**shared, **dict(pretrain_kwargs or {})})
+    return finetune(cohort, split, out_dir=out_dir / "finetune", pretrained_ckpt=pre.checkpoint,
+                    **{**shared, **dict(finetune_kwargs or {})})
