@@ -37,7 +37,7 @@ class _CaseDataset(Dataset):
         self.case_ids = [str(c) for c in case_ids]
         if not self.case_ids:
             raise DataError("dataset over zero cases")
-        self.y = torch.as_tensor(cohort.labels_of(self.case_ids), dtype=torch.long)
+        self.y = torch.as_tensor(np.array(cohort.labels_of(self.case_ids), dtype=np.int64))
         self.genes = None
         if gene_matrix is not None:
             gene_matrix = np.asarray(gene_matrix, dtype=np.float32)
@@ -49,7 +49,7 @@ class _CaseDataset(Dataset):
             if not np.isfinite(gene_matrix).all():
                 row = int(np.flatnonzero(~np.isfinite(gene_matrix).all(axis=1))[0])
                 raise DataError(f"gene_matrix: NaN or inf in the row of case {self.case_ids[row]!r}")
-            self.genes = torch.from_numpy(gene_matrix)
+            self.genes = torch.from_numpy(np.require(gene_matrix, requirements="W"))
         self.seed = int(seed)
         self.epoch = 0
 

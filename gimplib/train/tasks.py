@@ -283,7 +283,7 @@ def kfold(
     results = [fn(cohort, fold, out_dir=out_dir / f"fold_{i}", **kwargs) for i, fold in enumerate(folds)]
     rows = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for r in results]
-    table = pd.DataFrame(rows, index=[f"fold_{i}" for i in range(len(results))])
+    table = pd.DataFrame(rows, index=[f"fold_{i}" for i in range(len(results))]).astype(float)
     stats = {col: mean_sd(table[col].to_numpy(dtype=float)) for col in table.columns}
     table.loc["mean"] = {c: s[0] for c, s in stats.items()}
     table.loc["sd"] = {c: s[1] for c, s in stats.items()}
