@@ -42,6 +42,10 @@ TINY: dict[str, dict] = {
     "porpoise": dict(embed_dim=16, omic_hidden=(16, 16), scale=2),
     "pathomic": dict(path_dim=8, omic_hidden=(8, 8), fused_dim=8, attn_dim=8),
     "mcat": dict(embed_dim=16, num_heads=2, num_groups=3),
+    "gimp_fusion": dict(
+        embed_dim=16, num_heads=2, num_landmarks=4, hidden=16,
+        gene_encoder="groupmsa", gene_kwargs=dict(fragment_size=4, num_groups=2, embed_dim=8, num_heads=2),
+    ),
 }
 CLASSIFIERS = sorted(TINY)
 

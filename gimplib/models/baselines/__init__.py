@@ -5,7 +5,7 @@ adapted. Three kinds:
 
 * ``"pathology"``: slide-only MIL classifiers (ABMIL, DSMIL, CLAM-SB, CLAM-MB, TransMIL).
 * ``"fusion"``: pathology + genomics trained end to end, no pretraining (PORPOISE,
-  Pathomic Fusion, MCAT).
+  Pathomic Fusion, MCAT, and GiMP's own encoders fused without pretraining).
 * ``"pretrain"``: image-gene pretraining adapted from image-text methods (BioViL-, MGCA-,
   REFERS-style) on GiMP's own encoders; they expose
   ``pretrain_step(feats, mask, genes, y=None) -> dict(loss, ...)`` and
@@ -28,6 +28,7 @@ from gimplib.models.baselines.abmil import ABMIL
 from gimplib.models.baselines.biovil import BioViLStyle
 from gimplib.models.baselines.clam import CLAM_MB, CLAM_SB, smooth_top1_svm_loss
 from gimplib.models.baselines.dsmil import DSMIL
+from gimplib.models.baselines.gimp_fusion import GiMPFusion
 from gimplib.models.baselines.mcat import MCAT
 from gimplib.models.baselines.mgca import MGCAStyle, sinkhorn_knopp
 from gimplib.models.baselines.pathomic import GatedBilinearFusion, PathomicFusion
@@ -44,6 +45,7 @@ __all__ = [
     "CLAM_SB",
     "DSMIL",
     "GatedBilinearFusion",
+    "GiMPFusion",
     "ImageGenePretrainer",
     "MCAT",
     "MGCAStyle",
@@ -66,6 +68,7 @@ BASELINES: dict[str, type[nn.Module]] = {
     "porpoise": PORPOISE,
     "pathomic": PathomicFusion,
     "mcat": MCAT,
+    "gimp_fusion": GiMPFusion,
     "biovil": BioViLStyle,
     "mgca": MGCAStyle,
     "refers": REFERSStyle,
@@ -81,6 +84,7 @@ BASELINE_KINDS: dict[str, str] = {
     "porpoise": "fusion",
     "pathomic": "fusion",
     "mcat": "fusion",
+    "gimp_fusion": "fusion",
     "biovil": "pretrain",
     "mgca": "pretrain",
     "refers": "pretrain",
