@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from gimplib.models import (
@@ -386,3 +387,25 @@ def test_benchmarks_run_at_tiny_shapes():
     res = slide.run("--sizes 30,50 --in-dim 16 --embed-dim 8 --num-heads 2 --num-landmarks 8 --chunk-size 16 --device cpu".split())
     assert [c["patches"] for c in res["cases"]] == [30, 50]
     assert all(c["finite"] and c["peak_gib"] > 0 for c in res["cases"])
+
+
+def test_center_proj_removes_per_patch_offset_and_keeps_keys():
+    torch.manual_seed(0)
+    agg = PatchAggregator(in_dim=16, embed_dim=8, num_heads=2, num_landmarks=4).eval()
+    plain = PatchAggregator(in_dim=16, embed_dim=8, num_heads=2, num_landmarks=4, center_proj=False).eval()
+    assert agg.center_proj and not plain.center_proj
+    assert agg.state_dict().keys() == plain.state_dict().keys()  # checkpoints stay interchangeable
+    plain.load_state_dict(agg.state_dict())
+    x = torch.rand(2, 5, 16)
+    w, b = agg.proj.weight, agg.proj.bias
+    expected = F.relu((x - x.mean(dim=-1, keepdim=True)) @ w.T + b)
+    torch.testing.assert_close(agg.embed(x), expected)
+    # a common offset added to every feature of a patch (the non-negative common mode) is invisible ...
+    torch.testing.assert_close(agg.embed(x + torch.rand(2, 5, 1) * 3), expected, rtol=1e-5, atol=1e-5)
+    # ... but not to the plain projection, which is what center_proj=False gives
+    torch.testing.assert_close(plain.embed(x), F.relu(x @ w.T + b))
+    assert not torch.allclose(plain.embed(x + 3.0), plain.embed(x))
+    # the whole forward uses it, and a (single) row's gradient has zero sum: Adam cannot shift all weights alike
+    agg.train()
+    agg(x).cls.sum().backward()
+    assert agg.proj.weight.grad.sum(dim=1).abs().max() < 1e-5

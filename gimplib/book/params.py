@@ -1,0 +1,168 @@
+"""Parameter sets of the book's notebooks, and the notebooks they target.
+
+A parameter set is a YAML file, ``notebooks/params/<name>.yaml``: a ``common:`` mapping
+given to every notebook plus one mapping per notebook, keyed by its stem (``02_genes:``).
+Every key must be a parameter the notebook declares in its cell tagged ``parameters``;
+papermill itself only warns about unknown keys, which would hide a typo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = [
+    "ParamError",
+    "ParamSet",
+    "STAGE_PATTERN",
+    "check_param_set",
+    "declared_parameters",
+    "load_param_set",
+    "notebook_parameters",
+    "stage_notebooks",
+    "toc_notebooks",
+]
+
+#: Stage notebooks are named ``NN_name``.
+STAGE_PATTERN = re.compile(r"^\d\d_[A-Za-z0-9_]+$")
+
+
+class ParamError(ValueError):
+    """A parameter set that does not fit the notebooks (names the file and the key)."""
+
+
+@dataclass
+class ParamSet:
+    """A parameter set: ``common`` goes to every notebook, ``per_notebook[stem]`` to one."""
+
+    name: str
+    path: Path | None
+    common: dict[str, Any] = field(default_factory=dict)
+    per_notebook: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_param_set(spec: str | os.PathLike, params_dir: str | os.PathLike = "notebooks/params") -> ParamSet:
+    """Read a parameter set.
+
+    Args:
+        spec: a name (``"demo"`` reads ``params_dir/demo.yaml``) or a path to a YAML file.
+        params_dir: where named sets live.
+
+    Returns:
+        The parameter set. Top-level keys other than ``common`` must be notebook stems.
+
+    Raises:
+        ParamError: the file is missing or is not a mapping of mappings.
+    """
+    path = Path(spec)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(params_dir) / f"{spec}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(params_dir).glob("*.yaml"))
+        raise ParamError(f"parameter set {str(spec)!r}: {path} not found (known sets: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamError(f"{path}: expected a mapping with 'common:' and per-notebook sections")
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise ParamError(f"{path}: section {key!r} must be a mapping of parameter: value")
+        if key != "common" and not STAGE_PATTERN.match(str(key)):
+            raise ParamError(f"{path}: section {key!r} is neither 'common' nor a notebook stem like '02_genes'")
+        sections[str(key)] = value
+    common = sections.pop("common", {})
+    return ParamSet(name=path.stem, path=path, common=common, per_notebook=sections)
+
+
+def declared_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
+    """The parameters a notebook declares in its cell tagged ``parameters``.
+
+    Returns:
+        name -> papermill's description (``default``, ``inferred_type_name``, ``help``).
+        Empty when the notebook has no such cell.
+    """
+    from papermill.inspection import inspect_notebook
+
+    return dict(inspect_notebook(str(notebook)))
+
+
+def check_param_set(param_set: ParamSet, notebooks: Sequence[Path]) -> list[str]:
+    """Every key a parameter set gives a notebook must be declared by that notebook.
+
+    Args:
+        param_set: the set to check.
+        notebooks: the stage notebooks (``common`` targets all of them).
+
+    Returns:
+        One message per problem (empty when the set fits): an unknown key names the
+        file, the section, the notebook and the notebook's declared parameters.
+    """
+    src = param_set.path or param_set.name
+    by_stem = {Path(nb).stem: Path(nb) for nb in notebooks}
+    problems = []
+    for stem in param_set.per_notebook:
+        if stem not in by_stem:
+            problems.append(f"{src}: section {stem!r} names no notebook (have {sorted(by_stem)})")
+    for stem, nb in by_stem.items():
+        declared = declared_parameters(nb)
+        if not declared:
+            problems.append(f"{nb}: no cell tagged 'parameters'")
+            continue
+        for section, mapping in (("common", param_set.common), (stem, param_set.per_notebook.get(stem, {}))):
+            for key in mapping:
+                if key not in declared:
+                    problems.append(
+                        f"{src}: key {key!r} in section {section!r} is not a parameter of {nb.name} "
+                        f"(declared: {', '.join(sorted(declared))})"
+                    )
+    return problems
+
+
+def notebook_parameters(
+    param_set: ParamSet, stem: str, overrides: dict[str, Any] | None = None, declared: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The parameters one notebook receives: ``common``, then its section, then overrides.
+
+    Overrides (from the command line) go only to notebooks that declare them, when
+    ``declared`` is given.
+    """
+    params = {**param_set.common, **param_set.per_notebook.get(stem, {})}
+    for key, value in (overrides or {}).items():
+        if declared is None or key in declared:
+            params[key] = value
+    return params
+
+
+def toc_notebooks(toc: str | os.PathLike) -> list[str]:
+    """Stems of the stage notebooks (``notebooks/NN_name``) the table of contents lists, in order."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            file = node.get("file")
+            if isinstance(file, str):
+                p = Path(file)
+                if p.parent.name == "notebooks" and STAGE_PATTERN.match(p.stem):
+                    found.append(p.stem)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(Path(toc).read_text()))
+    return found
+
+
+def stage_notebooks(notebooks_dir: str | os.PathLike) -> list[Path]:
+    """The committed stage notebooks ``NN_*.ipynb``, in order."""
+    return sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if STAGE_PATTERN.match(p.stem))

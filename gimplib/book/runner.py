@@ -1,0 +1,387 @@
+"""Execute the stage notebooks with papermill, then build the site with jupyter-book."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+
+from gimplib.book.params import (
+    ParamError,
+    check_param_set,
+    declared_parameters,
+    load_param_set,
+    notebook_parameters,
+    stage_notebooks,
+    toc_notebooks,
+)
+from gimplib.book.site import (
+    copy_sources,
+    describe_data,
+    git_commit,
+    hardware,
+    insert_banner,
+    load_runs,
+    placeholder_page,
+    save_runs,
+    write_pages,
+)
+
+__all__ = ["BookRun", "KERNEL_ENV", "NotebookFailed", "build_book", "execute_notebook", "kernel_environment", "main", "run_book"]
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+#: Environment of the kernels the runner starts. Progress bars would reach the rendered
+#: pages as hundreds of lines of carriage-return text (or as widgets with no static form),
+#: and tqdm.auto warns once per kernel that ipywidgets is absent; set TQDM_DISABLE=0 to
+#: keep the bars.
+KERNEL_ENV = {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore:IProgress not found"}
+
+
+@contextlib.contextmanager
+def kernel_environment() -> Iterator[None]:
+    """Set :data:`KERNEL_ENV` for the kernels started inside (a value already set wins)."""
+    saved = {key: os.environ.get(key) for key in KERNEL_ENV}
+    for key, value in KERNEL_ENV.items():
+        if key == "PYTHONWARNINGS" and os.environ.get(key):
+            os.environ[key] = f"{os.environ[key]},{value}"
+        else:
+            os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised while papermill executed it.
+
+    Attributes:
+        notebook: the notebook's stem, e.g. ``"03_mpm"``.
+        cell_index: index of the failing cell (papermill's numbering), or None.
+        traceback: the cell's traceback as plain text (colour codes removed).
+        partial: where the partly executed copy was kept.
+    """
+
+    def __init__(self, notebook: str, cell_index: int | None, traceback: str, partial: Path | None):
+        self.notebook = notebook
+        self.cell_index = cell_index
+        self.traceback = traceback
+        self.partial = partial
+        where = f"cell {cell_index}" if cell_index is not None else "start-up"
+        super().__init__(f"notebook {notebook} failed at {where}:\n{traceback}")
+
+
+def execute_notebook(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    parameters: dict[str, Any],
+    *,
+    cwd: str | os.PathLike | None = None,
+    failed_dir: str | os.PathLike | None = None,
+    log_output: bool = False,
+) -> float:
+    """Execute one notebook with papermill; the executed copy appears at ``dst`` only on success.
+
+    Args:
+        src: the committed notebook.
+        dst: where the executed copy goes.
+        parameters: injected after the ``parameters`` cell.
+        cwd: the kernel's working directory (default: ``dst``'s folder).
+        failed_dir: where a failing notebook's partial copy is kept (default: beside ``dst``).
+        log_output: echo the cells' output while running.
+
+    Returns:
+        Seconds the execution took.
+
+    Raises:
+        NotebookFailed: a cell raised (or the kernel died); names the notebook, the cell
+            and carries the traceback.
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = dst.with_name(f".{dst.stem}.partial.ipynb")
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(src),
+            str(partial),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(cwd or dst.parent),
+            progress_bar=False,
+            log_output=log_output,
+        )
+    except PapermillExecutionError as err:
+        kept = _keep_failed(partial, src.stem, failed_dir or dst.parent)
+        trace = ANSI.sub("", "\n".join(err.traceback)) or f"{err.ename}: {err.evalue}"
+        raise NotebookFailed(src.stem, err.cell_index, trace, kept) from None
+    except Exception as err:  # kernel died, bad notebook JSON, ...
+        kept = _keep_failed(partial, src.stem, failed_dir or dst.parent)
+        raise NotebookFailed(src.stem, None, f"{type(err).__name__}: {err}", kept) from None
+    os.replace(partial, dst)
+    return time.perf_counter() - start
+
+
+def _keep_failed(partial: Path, stem: str, failed_dir: str | os.PathLike) -> Path | None:
+    if not partial.exists():
+        return None
+    failed_dir = Path(failed_dir)
+    failed_dir.mkdir(parents=True, exist_ok=True)
+    kept = failed_dir / f"{stem}.ipynb"
+    os.replace(partial, kept)
+    return kept
+
+
+def build_book(site: str | os.PathLike, output: str | os.PathLike, *, quiet: bool = False) -> int:
+    """``jupyter-book build site --path-output output -W -n --keep-going --all``.
+
+    The HTML lands in ``output/_build/html``. Every page is re-read (``--all``) so that a
+    warning from an earlier build cannot hide behind Sphinx's incremental cache.
+
+    Returns:
+        jupyter-book's exit status (0 when the build had no warnings).
+    """
+    cmd = [
+        sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
+        "build", str(site), "--path-output", str(output), "-W", "-n", "--keep-going", "--all",
+    ]
+    if quiet:
+        cmd.append("-q")
+    return subprocess.run(cmd).returncode
+
+
+@dataclass
+class BookRun:
+    """What :func:`run_book` did: seconds per executed notebook, build seconds and status."""
+
+    seconds: dict[str, float]
+    build_seconds: float | None
+    build_status: int | None
+    html: Path
+
+
+def run_book(
+    params: str | os.PathLike = "demo",
+    *,
+    root: str | os.PathLike = ".",
+    output: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    only: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    execute: bool = True,
+    build: bool = True,
+    log_output: bool = False,
+    quiet_build: bool = False,
+) -> BookRun:
+    """Execute the stage notebooks with a parameter set, then build the book.
+
+    Args:
+        params: parameter-set name (``notebooks/params/<name>.yaml``) or YAML path.
+        root: the repository (book) root holding ``_config.yml``, ``_toc.yml``, ``book/``, ``notebooks/``.
+        output: folder receiving ``_build/`` (default: ``root``).
+        workdir: the notebooks' ``workdir`` (default: the set's own, else ``<output>/_build/workdir/<set>``).
+        data_dir: a cohort folder for ``data_dir`` (default: the set's, None = synthetic).
+        only: execute just the notebooks whose stem starts with one of these (``"02"``);
+            the others keep their executed copies from earlier runs.
+        overrides: ``name -> value`` given to every notebook that declares ``name``.
+        execute: run notebooks (False: build from whatever executed copies exist).
+        build: build the HTML after executing.
+        log_output: echo the notebooks' output while they run.
+        quiet_build: pass ``-q`` to jupyter-book.
+
+    Returns:
+        A :class:`BookRun`.
+
+    Raises:
+        ParamError: the parameter set does not fit the notebooks (before anything runs).
+        NotebookFailed: a notebook raised; nothing after it runs and the book is not built.
+    """
+    root = Path(root).resolve()
+    output = Path(output).resolve() if output is not None else root
+    build_dir = output / "_build"
+    site = build_dir / "site"
+    notebooks = stage_notebooks(root / "notebooks")
+    stems_in_toc = toc_notebooks(root / "_toc.yml")
+    param_set = load_param_set(params, root / "notebooks" / "params")
+
+    if data_dir is not None:
+        param_set.common["data_dir"] = str(Path(data_dir).resolve())
+    elif isinstance(param_set.common.get("data_dir"), str):
+        param_set.common["data_dir"] = str((root / param_set.common["data_dir"]).resolve())
+    if workdir is not None:
+        param_set.common["workdir"] = str(Path(workdir).resolve())
+    elif isinstance(param_set.common.get("workdir"), str):
+        param_set.common["workdir"] = str((root / param_set.common["workdir"]).resolve())
+    else:
+        param_set.common["workdir"] = str(build_dir / "workdir" / param_set.name)
+    work = Path(param_set.common["workdir"])
+
+    selected = notebooks
+    if only:
+        selected = [nb for nb in notebooks if any(nb.stem.startswith(str(o)) for o in only)]
+        if not selected:
+            raise ParamError(f"--only {list(only)} matches no notebook (have {[nb.stem for nb in notebooks]})")
+    if execute:
+        problems = check_param_set(param_set, notebooks)
+        for key in overrides or {}:
+            if not any(key in declared_parameters(nb) for nb in selected):
+                problems.append(f"override {key!r} is a parameter of none of {[nb.stem for nb in selected]}")
+        if problems:
+            raise ParamError("the parameter set does not fit the notebooks:\n  " + "\n  ".join(problems))
+    for nb in notebooks:
+        if nb.stem not in stems_in_toc:
+            print(f"note: {nb.name} is not listed in _toc.yml; it runs but the book does not show it")
+
+    copy_sources(root, site)
+    runs = load_runs(site)
+    seconds: dict[str, float] = {}
+    if execute:
+        work.mkdir(parents=True, exist_ok=True)
+        for nb in selected:
+            parameters = notebook_parameters(param_set, nb.stem, overrides, declared_parameters(nb))
+            text, synthetic = describe_data(parameters)
+            print(f"[{nb.stem}] executing with '{param_set.name}' parameters ...", flush=True)
+            try:
+                with kernel_environment():
+                    took = execute_notebook(
+                        nb, site / "notebooks" / nb.name, parameters,
+                        cwd=work, failed_dir=build_dir / "failed", log_output=log_output,
+                    )
+            except NotebookFailed as err:
+                runs[nb.stem] = {"status": "failed", "params": param_set.name}
+                save_runs(site, runs)
+                print(f"[{nb.stem}] FAILED; partial copy: {err.partial}", file=sys.stderr)
+                raise
+            seconds[nb.stem] = took
+            finished = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            runs[nb.stem] = {
+                "status": "executed", "params": param_set.name, "seconds": took, "finished": finished,
+                "data": text, "synthetic": synthetic, "workdir": str(work),
+            }
+            save_runs(site, runs)
+            kind = "warning" if synthetic else "note"
+            insert_banner(
+                site / "notebooks" / nb.name,
+                f"Executed for this build with the parameter set **{param_set.name}** on {text}. "
+                f"Finished {finished} UTC in {took:.1f} s. "
+                f"Rerun: `python -m gimplib.book --params {param_set.name} --only {nb.stem[:2]}`.",
+                kind,
+            )
+            print(f"[{nb.stem}] done in {took:.1f} s", flush=True)
+
+    # Chapters the toc lists but this build has no executed copy of.
+    for stem in stems_in_toc:
+        executed_copy = site / "notebooks" / f"{stem}.ipynb"
+        stale_md = site / "notebooks" / f"{stem}.md"
+        committed = root / "notebooks" / f"{stem}.ipynb"
+        if runs.get(stem, {}).get("status") == "executed" and executed_copy.exists():
+            stale_md.unlink(missing_ok=True)
+            continue
+        if committed.exists():
+            stale_md.unlink(missing_ok=True)
+            shutil.copy2(committed, executed_copy)
+            insert_banner(
+                executed_copy,
+                "This notebook was not executed for this build, so it shows no outputs. Run "
+                f"`python -m gimplib.book --params demo --only {stem[:2]}` to fill it.",
+                "warning",
+            )
+        else:
+            executed_copy.unlink(missing_ok=True)
+            placeholder_page(stale_md, stem, f"`notebooks/{stem}.ipynb` does not exist in this checkout.")
+
+    build_info = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(root),
+        "hardware": hardware(),
+    }
+    write_pages(site, runs, work, stems_in_toc, build_info)
+
+    html = build_dir / "html"
+    build_seconds = status = None
+    if build:
+        start = time.perf_counter()
+        status = build_book(site, output, quiet=quiet_build)
+        build_seconds = time.perf_counter() - start
+    return BookRun(seconds=seconds, build_seconds=build_seconds, build_status=status, html=html)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m gimplib.book --params demo [--data-dir DIR] [--only 02]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gimplib.book",
+        description="Execute the stage notebooks with a parameter set (papermill), then build the book.",
+    )
+    parser.add_argument("--params", default="demo", help="parameter set: smoke, demo, paper or a YAML path (default demo)")
+    parser.add_argument("--data-dir", help="cohort folder (CLAM layout); default: the set's, else the synthetic cohort")
+    parser.add_argument("--workdir", help="the notebooks' workdir (default: _build/workdir/<set>)")
+    parser.add_argument("--only", action="append", help="execute only notebooks whose stem starts with this (repeatable; '02' or '02,03')")
+    parser.add_argument("-p", "--param", action="append", type=_parse_override, default=[], metavar="NAME=VALUE",
+                        help="override a parameter in every notebook that declares it (value parsed as YAML)")
+    parser.add_argument("--root", default=None, help="book root (default: current folder if it has _toc.yml, else the source checkout)")
+    parser.add_argument("--output", default=None, help="folder that receives _build/ (default: the root)")
+    parser.add_argument("--no-build", action="store_true", help="execute only; do not build the HTML")
+    parser.add_argument("--no-execute", action="store_true", help="build from the executed copies already in _build/site")
+    parser.add_argument("--log-output", action="store_true", help="echo the notebooks' output while they run")
+    args = parser.parse_args(argv)
+
+    root = Path(args.root) if args.root else Path.cwd()
+    if not (root / "_toc.yml").is_file():
+        fallback = Path(__file__).resolve().parents[2]
+        if args.root or not (fallback / "_toc.yml").is_file():
+            parser.error(f"no _toc.yml in {root}: pass --root pointing at the book's checkout")
+        root = fallback
+    only = [part for item in (args.only or []) for part in item.split(",") if part]
+    start = time.perf_counter()
+    try:
+        result = run_book(
+            args.params, root=root, output=args.output, workdir=args.workdir, data_dir=args.data_dir,
+            only=only or None, overrides=dict(args.param), execute=not args.no_execute,
+            build=not args.no_build, log_output=args.log_output,
+        )
+    except ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NotebookFailed as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    total = time.perf_counter() - start
+    print("\nseconds per notebook:")
+    for stem, took in result.seconds.items():
+        print(f"  {stem:<16} {took:8.1f}")
+    if result.build_seconds is not None:
+        print(f"  {'book build':<16} {result.build_seconds:8.1f}")
+    print(f"  {'total':<16} {total:8.1f}")
+    if result.build_status is not None:
+        if result.build_status != 0:
+            print(f"error: jupyter-book build failed (exit {result.build_status}); see the warnings above", file=sys.stderr)
+            return result.build_status
+        print(f"\nthe book: {result.html / 'index.html'}")
+    return 0
