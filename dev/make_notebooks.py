@@ -955,8 +955,10 @@ NB06 = [
     md("""
     ## Summary
 
-    - With genes in the triplet, same-class patients cluster after pre-training alone (Fig. 2);
-      the scores make the comparison between panels quantitative.
+    - The paper's Fig. 2 shows same-class patients clustering after GiMP pre-training alone,
+      more tightly than without genes. Whether this run agrees is for the scores above to say,
+      not the pictures: t-SNE can make weak structure look like clusters. On the small
+      synthetic demo cohort the ranking of the panels can differ from the paper's.
     - Attention maps and gene-group attributions show *where* each encoder looks; they are
       descriptive, not causal.
     """),
