@@ -409,3 +409,11 @@ def test_center_proj_removes_per_patch_offset_and_keeps_keys():
     agg.train()
     agg(x).cls.sum().backward()
     assert agg.proj.weight.grad.sum(dim=1).abs().max() < 1e-5
+
+
+def test_build_gene_encoder_by_name_and_unknown_name_lists_the_known_ones():
+    from gimplib.models import build_gene_encoder
+
+    assert isinstance(build_gene_encoder("snn", num_genes=12, embed_dim=8), SNN)
+    with pytest.raises(ValueError, match=r"encoder must be one of \['groupmsa', 'snn'\], got 'mlp'"):
+        build_gene_encoder("mlp", num_genes=12)

@@ -1,6 +1,7 @@
 """Models: GroupMSA and SNN gene encoders, the Nystrom patch aggregator, GiMP, heads."""
 
 from gimplib.models.aggregator import AggregatorOutput, NystromLayer, PatchAggregator, nystrom_attention_chunked
+from gimplib.models.gene_encoders import GENE_ENCODERS, build_gene_encoder
 from gimplib.models.gimp import GiMP, GiMPClassifier, aggregator_state_dict, random_patch_mask
 from gimplib.models.groupmsa import GroupMSA, TransformerBlock
 from gimplib.models.heads import MLPHead
@@ -9,6 +10,7 @@ from gimplib.models import baselines  # noqa: F401  the compared systems (gimpli
 
 __all__: list[str] = [
     "AggregatorOutput",
+    "GENE_ENCODERS",
     "GiMP",
     "GiMPClassifier",
     "GroupMSA",
@@ -18,6 +20,7 @@ __all__: list[str] = [
     "SNN",
     "TransformerBlock",
     "aggregator_state_dict",
+    "build_gene_encoder",
     "nystrom_attention_chunked",
     "random_patch_mask",
 ]

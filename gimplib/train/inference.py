@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gimplib.models.gene_encoders import build_gene_encoder
 from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import gene_matrix
 from gimplib.utils import exists, get_device
 
-__all__ = ["Task", "build_gimp", "embed", "gene_encoder", "load_gene_transform", "load_model"]
+__all__ = ["Task", "build_gimp", "embed", "load_gene_transform", "load_model"]
 
 
 class Task(nn.Module):
@@ -50,17 +51,6 @@ class Task(nn.Module):
         return {"logits": out["logits"], "loss_aux": out["loss_aux"]}
 
 
-def gene_encoder(encoder: str, **kwargs: Any) -> nn.Module:
-    """Build ``"groupmsa"`` (:class:`GroupMSA`) or ``"snn"`` (:class:`SNN`) with ``kwargs``."""
-    from gimplib.models.groupmsa import GroupMSA
-    from gimplib.models.snn import SNN
-
-    encoders = {"groupmsa": GroupMSA, "snn": SNN}
-    if encoder not in encoders:
-        raise ValueError(f"encoder must be one of {sorted(encoders)}, got {encoder!r}")
-    return encoders[encoder](**kwargs)
-
-
 def build_gimp(config: Mapping[str, Any], in_dim: int, *, load_weights: bool) -> nn.Module:
     """A :class:`GiMP` from a pretraining config; the gene encoder's weights are loaded from its
     checkpoint when ``load_weights`` (a new run), else only its structure is built (they are then
@@ -73,7 +63,7 @@ def build_gimp(config: Mapping[str, Any], in_dim: int, *, load_weights: bool) ->
         if load_weights:
             encoder = load_model(gene_cfg["ckpt"])
         else:
-            encoder = gene_encoder(gene_cfg["encoder"], **gene_cfg["build"])
+            encoder = build_gene_encoder(gene_cfg["encoder"], **gene_cfg["build"])
     return GiMP(**{"in_dim": in_dim, **config["model_kwargs"]}, gene_encoder=encoder)
 
 
@@ -98,7 +88,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     task = cfg.get("task")
     in_dim = cfg["cohort"]["feat_dim"]
     if task == "genes":
-        net, kind = gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
+        net, kind = build_gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
     elif task == "pretrain":
         net, kind = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
     elif task == "finetune":
@@ -112,7 +102,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         from gimplib.models.baselines import build_baseline
 
         source = cfg["gene_encoder"]
-        encoder = gene_encoder(source["encoder"], **source["build"]) if exists(source) else None
+        encoder = build_gene_encoder(source["encoder"], **source["build"]) if exists(source) else None
         net, kind = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
     elif task == "baseline":
         from gimplib.models.baselines import build_baseline

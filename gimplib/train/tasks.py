@@ -37,7 +37,8 @@ from gimplib.train.common import (
     split_summary,
 )
 from gimplib.train.engine import fit
-from gimplib.train.inference import Task, gene_encoder
+from gimplib.models.gene_encoders import build_gene_encoder
+from gimplib.train.inference import Task
 from gimplib.utils import exists, get_device, save_json, seed_everything
 
 __all__ = ["engine_options", "kfold", "make_config", "run_supervised", "train_baseline", "train_gene_encoder"]
@@ -162,7 +163,7 @@ def train_gene_encoder(
     seed_everything(opts["seed"], opts["deterministic"])
     gt = fit_gene_transform(cohort, split["train"], **transform)
     kwargs = {**config["encoder_kwargs"], "num_genes": gt.num_genes, "num_classes": len(cohort.label_names)}
-    net = gene_encoder(encoder, **kwargs)
+    net = build_gene_encoder(encoder, **kwargs)
     parts = {p: list(split[p]) for p in ("train", "val", "test") if split.get(p)}
     sets = {p: GeneDataset(cohort, ids, gene_matrix(cohort, gt, ids)) for p, ids in parts.items()}
     extras = {"gene_transform": gt.state_dict(), "label_names": list(cohort.label_names), "build": kwargs}

@@ -18,13 +18,10 @@ from torch import Tensor, nn
 
 from gimplib.models.aggregator import PatchAggregator
 from gimplib.models.baselines._common import check_inputs, output
-from gimplib.models.groupmsa import GroupMSA
+from gimplib.models.gene_encoders import build_gene_encoder
 from gimplib.models.heads import MLPHead
-from gimplib.models.snn import SNN
 
 __all__ = ["GiMPFusion"]
-
-_GENE_ENCODERS = {"groupmsa": GroupMSA, "snn": SNN}
 
 
 class GiMPFusion(nn.Module):
@@ -61,16 +58,13 @@ class GiMPFusion(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
-        if gene_encoder not in _GENE_ENCODERS:
-            raise ValueError(f"GiMPFusion: gene_encoder {gene_encoder!r}; expected one of {sorted(_GENE_ENCODERS)}")
         self.in_dim, self.num_genes = in_dim, num_genes
         self.aggregator = PatchAggregator(
             in_dim=in_dim, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             num_landmarks=num_landmarks, dropout=dropout,
         )
-        self.gene_encoder = _GENE_ENCODERS[gene_encoder](num_genes=num_genes, **dict(gene_kwargs or {}))
-        gene_dim = _out_dim(self.gene_encoder)
-        self.head = MLPHead(in_dim=embed_dim + gene_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
+        self.gene_encoder = build_gene_encoder(gene_encoder, num_genes=num_genes, **dict(gene_kwargs or {}))
+        self.head = MLPHead(in_dim=embed_dim + self.gene_encoder.embed_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
 
     def forward(self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None, y: Tensor | None = None) -> dict:
         """feats (b, n, D), mask (b, n), genes (b, G) -> dict(logits (b, C), loss_aux 0, attn None)."""
@@ -80,9 +74,3 @@ class GiMPFusion(nn.Module):
         logits = self.head(torch.cat([img.cls, cls_ge], dim=-1))
         return output(logits)
 
-
-def _out_dim(encoder: nn.Module) -> int:
-    dim = getattr(encoder, "embed_dim", None)
-    if dim is None:
-        raise AttributeError(f"{type(encoder).__name__} exposes no embed_dim")
-    return int(dim)
