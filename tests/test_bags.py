@@ -223,3 +223,76 @@ def test_bench_io_small(tmp_path):
     assert out["window_s"] > 0 and out["whole_s"] > 0
     assert out["ratio"] == pytest.approx(out["whole_s"] / out["window_s"], rel=0.05)
     assert list(tmp_path.iterdir()) == []  # the temporary bag is gone
+
+
+@pytest.fixture
+def bag_cache():
+    """Turn the process-wide bag cache on for one test, and off again afterwards."""
+    from gimplib.data import set_bag_cache
+
+    set_bag_cache(0)
+    yield set_bag_cache
+    set_bag_cache(0)
+
+
+def test_bag_cache_is_off_by_default_and_serves_the_same_rows(tmp_path, feats, coords, bag_cache):
+    from gimplib.data import bag_cache_info
+
+    path = write_bag(tmp_path / "s.h5", feats, coords, dtype="float16")
+    reader = BagReader()
+    reader.read(path, 0, 10)
+    assert bag_cache_info()["bags"] == 0  # off: nothing kept
+    bag_cache(0.01)
+    for lo, hi, with_coords in [(0, 300, True), (17, 42, False), (250, 300, True)]:
+        got = reader.read(path, lo, hi, with_coords=with_coords)
+        want = read_bag(path, lo, hi, with_coords=with_coords)
+        assert got.feats.dtype == np.float32
+        np.testing.assert_array_equal(got.feats, want.feats)
+        if with_coords:
+            np.testing.assert_array_equal(got.coords, want.coords)
+        else:
+            assert got.coords is None
+    info = bag_cache_info()
+    assert info["bags"] == 1 and info["misses"] == 1 and info["hits"] == 2
+    assert info["bytes"] == feats.size * 2 + coords.size * 8  # kept as stored: float16
+    got = reader.read(path, 0, 5)
+    got.feats[:] = -1  # a caller's copy, not the cached rows
+    np.testing.assert_array_equal(reader.read(path, 0, 5).feats, read_bag(path, 0, 5).feats)
+    with pytest.raises(DataError, match=r"rows \[290, 301\) requested from a bag of 300"):
+        reader.read(path, 290, 301)
+
+
+def test_bag_cache_sees_rewritten_files_and_keeps_its_budget(tmp_path, feats, bag_cache):
+    from gimplib.data import bag_cache_info
+
+    bag_cache(0.01)
+    reader = BagReader()
+    path = write_bag(tmp_path / "s.h5", feats)
+    reader.read(path)
+    write_bag(path, feats + 1)  # atomically replaced: a new file under the same name
+    np.testing.assert_allclose(reader.read(path).feats, feats + 1)
+    bag_cache(0)
+    write_bag(path, feats + 2)  # the handle pool alone must not serve the old file either
+    np.testing.assert_allclose(reader.read(path).feats, feats + 2)
+    bag_cache(0.01)
+    # a budget of two bags: the least recently used third one is evicted
+    one_bag = feats.nbytes
+    bag_cache(2.5 * one_bag / 2**30)
+    paths = [write_bag(tmp_path / f"b{i}.h5", feats) for i in range(3)]
+    for p in paths:
+        reader.read(p, with_coords=False)
+    info = bag_cache_info()
+    assert info["bags"] == 2 and info["bytes"] <= info["max_bytes"]
+    bag_cache(0)
+    assert bag_cache_info()["bags"] == 0
+    with pytest.raises(ValueError, match="max_gb must be >= 0"):
+        bag_cache(-1)
+
+
+def test_bag_cache_checks_the_whole_bag_once(tmp_path, feats, bag_cache):
+    bad = feats.copy()
+    bad[250, 3] = np.nan
+    path = write_bag(tmp_path / "bad.h5", bad)
+    bag_cache(0.01)
+    with pytest.raises(DataError, match=r"bad\.h5: NaN or inf in 'features' \(first at row 250\)"):
+        BagReader().read(path, 0, 10)

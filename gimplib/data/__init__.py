@@ -1,6 +1,6 @@
 """Data layer: cohort folders in CLAM's layout, bags, gene tables, splits, datasets."""
 
-from gimplib.data.bags import Bag, BagReader, bag_info, read_bag, write_bag, write_bag_pt
+from gimplib.data.bags import Bag, BagReader, bag_cache_info, bag_info, read_bag, set_bag_cache, write_bag, write_bag_pt
 from gimplib.data.cohort import Cohort, load_cohort, normalize_slide_id
 from gimplib.data.datasets import BagDataset, GeneDataset, WindowDataset, collate_bags
 from gimplib.data.genes import (
@@ -32,6 +32,7 @@ __all__ = [
     "GeneDataset",
     "GeneTransform",
     "WindowDataset",
+    "bag_cache_info",
     "bag_info",
     "check_disjoint",
     "collate_bags",
@@ -48,6 +49,7 @@ __all__ = [
     "read_clam_split",
     "read_gdc_expression",
     "read_gene_table",
+    "set_bag_cache",
     "resolve_cohort_dir",
     "strip_version",
     "train_val_test_split",

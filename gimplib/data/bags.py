@@ -6,11 +6,17 @@ chunked and resizable (``maxshape=(None, ...)``), and ``pt_files/<slide_id>.pt``
 the (N, D) feature tensor alone. Both are read here without conversion. From h5 only
 the requested rows are read, so a 6,000-patch window of a 148,569-patch bag costs a
 window's worth of IO, not a bag's.
+
+A run that reads the same small bags every epoch (and a sweep that trains many systems on
+one cohort in one process) can keep whole bags in memory: :func:`set_bag_cache` turns on a
+process-wide, size-bounded cache that :class:`BagReader` consults. It is off by default
+because paper-scale bags (up to 148,569 x 1024) do not fit it.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import torch
 
 from gimplib.utils import DataError, atomic_path
 
-__all__ = ["Bag", "BagReader", "bag_info", "read_bag", "write_bag", "write_bag_pt"]
+__all__ = ["Bag", "BagReader", "bag_cache_info", "bag_info", "read_bag", "set_bag_cache", "write_bag", "write_bag_pt"]
 
 BAG_SUFFIXES = (".h5", ".pt")
 
@@ -138,6 +144,97 @@ def _read_h5_rows(
     return feats, coords, lo
 
 
+# --------------------------------------------------------------------------- in-memory cache
+
+
+class _BagCache:
+    """Whole h5 bags (features in their stored dtype, coords) kept in memory, least recently
+    used evicted first, keyed by path, inode, modification time and size, so that a rewritten
+    file is read again."""
+
+    def __init__(self) -> None:
+        self.max_bytes = 0
+        self.entries: OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        self.nbytes = self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+    def get(self, key: tuple) -> tuple[np.ndarray, np.ndarray | None] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: tuple, feats: np.ndarray, coords: np.ndarray | None) -> None:
+        size = feats.nbytes + (coords.nbytes if coords is not None else 0)
+        if size > self.max_bytes:
+            return  # a bag larger than the whole budget is read from disk each time
+        while self.entries and self.nbytes + size > self.max_bytes:
+            old_feats, old_coords = self.entries.popitem(last=False)[1]
+            self.nbytes -= old_feats.nbytes + (old_coords.nbytes if old_coords is not None else 0)
+        self.entries[key] = (feats, coords)
+        self.nbytes += size
+
+
+_CACHE = _BagCache()
+
+
+def set_bag_cache(max_gb: float) -> None:
+    """Keep whole h5 bags in memory, up to ``max_gb`` GiB in this process (0 turns it off).
+
+    Bags are cached in their stored dtype (a float16 bag costs half a float32 one) the first
+    time :class:`BagReader` reads any rows of them, after their features were checked to be
+    finite; later reads of any rows come from memory. Every process (each DataLoader worker
+    too) has its own cache. Lowering the budget evicts the least recently used bags.
+
+    Args:
+        max_gb: the budget in GiB (2**30 bytes); 0 empties and disables the cache.
+    """
+    if not max_gb >= 0:
+        raise ValueError(f"max_gb must be >= 0, got {max_gb}")
+    _CACHE.max_bytes = int(max_gb * 2**30)
+    if _CACHE.max_bytes == 0:
+        _CACHE.clear()
+        _CACHE.hits = _CACHE.misses = 0
+    while _CACHE.nbytes > _CACHE.max_bytes:
+        old_feats, old_coords = _CACHE.entries.popitem(last=False)[1]
+        _CACHE.nbytes -= old_feats.nbytes + (old_coords.nbytes if old_coords is not None else 0)
+
+
+def bag_cache_info() -> dict[str, int]:
+    """The cache's state: ``max_bytes``, ``bytes``, ``bags``, ``hits``, ``misses``."""
+    return {"max_bytes": _CACHE.max_bytes, "bytes": _CACHE.nbytes, "bags": len(_CACHE.entries),
+            "hits": _CACHE.hits, "misses": _CACHE.misses}
+
+
+def _cached_h5_rows(f: h5py.File, path: Path, key: tuple, start: int | None, stop: int | None,
+                    with_coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows [start, stop) of the open file ``f`` whose identity is ``key``, through the cache
+    (which must be on); features come back float32."""
+    entry = _CACHE.get(key)
+    if entry is None:
+        n, _ = _check_h5_datasets(f, path)
+        try:
+            feats = np.asarray(f["features"][...])
+            coords = np.asarray(f["coords"][...], dtype=np.int64) if "coords" in f else None
+        except OSError as err:
+            raise DataError(f"{path}: rows [0, {n}) cannot be read ({err}); the file looks corrupt") from err
+        if not np.issubdtype(feats.dtype, np.floating):
+            feats = feats.astype(np.float32)
+        _finite_or_raise(feats, path, 0)  # once, for the whole bag
+        _CACHE.put(key, feats, coords)
+        entry = (feats, coords)
+    feats, coords = entry
+    lo, hi = _bounds(start, stop, feats.shape[0], path)
+    out_coords = coords[lo:hi].copy() if with_coords and coords is not None else None
+    return feats[lo:hi].astype(np.float32), out_coords
+
+
 def read_bag(
     path: str | os.PathLike,
     start: int | None = None,
@@ -187,8 +284,8 @@ class BagReader:
     def __init__(self, *, max_open: int = 64) -> None:
         self.max_open = max_open
         self._pid: int | None = None
-        self._h5: dict[Path, h5py.File] = {}
-        self._pt: dict[Path, torch.Tensor] = {}
+        self._h5: dict[Path, tuple[h5py.File, tuple]] = {}
+        self._pt: dict[Path, tuple[torch.Tensor, tuple]] = {}
 
     def __getstate__(self) -> dict:
         return {"max_open": self.max_open, "_pid": None, "_h5": {}, "_pt": {}}
@@ -197,19 +294,31 @@ class BagReader:
         if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
             self._h5, self._pt, self._pid = {}, {}, os.getpid()
 
-    def _handle(self, path: Path) -> h5py.File | torch.Tensor:
+    def _handle(self, path: Path) -> tuple[h5py.File | torch.Tensor, tuple]:
+        """The open handle of ``path`` and the file's identity (path, inode, mtime, size);
+        a file replaced since it was opened (e.g. rewritten atomically) is opened again."""
         self._pool()
         pool = self._pt if path.suffix == ".pt" else self._h5
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"{path}: bag file not found") from None
+        ident = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
         if path in pool:
-            pool[path] = pool.pop(path)  # mark as most recently used
-            return pool[path]
-        if len(pool) >= self.max_open:
-            oldest = next(iter(pool))
-            handle = pool.pop(oldest)
+            handle, old = pool.pop(path)
+            if old == ident:
+                pool[path] = (handle, ident)  # mark as most recently used
+                return handle, ident
             if isinstance(handle, h5py.File):
                 handle.close()
-        pool[path] = _load_pt(path) if path.suffix == ".pt" else _open_h5(path)
-        return pool[path]
+        if len(pool) >= self.max_open:
+            oldest = next(iter(pool))
+            handle = pool.pop(oldest)[0]
+            if isinstance(handle, h5py.File):
+                handle.close()
+        handle = _load_pt(path) if path.suffix == ".pt" else _open_h5(path)
+        pool[path] = (handle, ident)
+        return handle, ident
 
     def read(
         self,
@@ -219,9 +328,12 @@ class BagReader:
         with_coords: bool = True,
         check_finite: bool = True,
     ) -> Bag:
-        """Same as :func:`read_bag`, through the pool."""
+        """Same as :func:`read_bag`, through the pool (and the cache, when :func:`set_bag_cache` is on)."""
         path = Path(path)
-        handle = self._handle(path)
+        handle, ident = self._handle(path)
+        if _CACHE.max_bytes and isinstance(handle, h5py.File):
+            feats, coords = _cached_h5_rows(handle, path, ident, start, stop, with_coords)
+            return Bag(feats=feats, coords=coords, path=path)  # checked finite when cached
         if isinstance(handle, torch.Tensor):
             lo, hi = _bounds(start, stop, handle.shape[0], path)
             feats, coords = handle[lo:hi].to(torch.float32).numpy(), None
@@ -233,7 +345,7 @@ class BagReader:
 
     def close(self) -> None:
         """Close every open file."""
-        for handle in self._h5.values():
+        for handle, _ in self._h5.values():
             handle.close()
         self._h5, self._pt = {}, {}
 
