@@ -24,15 +24,6 @@ from gimplib.models.baselines.mcat import contiguous_groups
 D, G, C = 16, 12, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY: dict[str, dict] = {
     "abmil": dict(embed_dim=16, attn_dim=8),
     "dsmil": dict(query_dim=8),
@@ -231,6 +222,19 @@ def test_dsmil_aux_is_max_instance_cross_entropy():
     inst = model.instance_classifier(feats).masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
     torch.testing.assert_close(out["logits_max"], inst)
     assert out["loss_aux"].item() == pytest.approx(0.5 * F.cross_entropy(inst, y).item(), rel=1e-5)
+
+
+def test_dsmil_values_are_features_unless_projected():
+    """The reference code's default (passing_v=False) attends over the features themselves."""
+    torch.manual_seed(0)
+    plain, projected = make("dsmil").eval(), make("dsmil", value_projection=True).eval()
+    assert isinstance(plain.value, torch.nn.Identity)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(projected) - count(plain) == D * D + D
+    feats, mask, y, _ = make_bags(2, seed=3)
+    for model in (plain, projected):
+        out = model(feats, mask, y=y)
+        assert torch.isfinite(out["logits"]).all() and out["attn"].shape == mask.shape
 
 
 def test_transmil_handles_any_bag_size():

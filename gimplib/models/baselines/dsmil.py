@@ -10,9 +10,11 @@ What is the paper's and what is adapted:
       critical instance; every patch attends to it through a query projection
       (``softmax_i(<q_i, q_m> / sqrt(k))``), the attention-weighted values form one bag
       embedding per class, and a 1-D convolution over the class axis (kernel = the value
-      width) gives the bag logits. Kept: value projection Dropout + Linear (D -> D); query
-      projection Linear -> ReLU -> Linear -> Tanh (the reference code's non-linear option;
-      ``nonlinear_query=False`` gives its plain Linear).
+      width) gives the bag logits. Kept: query projection Linear -> ReLU -> Linear -> Tanh
+      (the reference code's non-linear option; ``nonlinear_query=False`` gives its plain
+      Linear); the values are the features themselves, as in the reference code's default
+      (``passing_v=False``); ``value_projection=True`` gives its other option, Dropout +
+      Linear (D -> D) + ReLU, which costs a D x D product per patch.
     * Loss: the paper trains with the sum of a bag loss and the max-instance loss. Here
       ``logits`` is the bag stream (what the engine trains with cross-entropy and what the
       metrics read) and ``loss_aux = max_loss_weight * CE(max-instance logits, y)``; with
@@ -46,9 +48,11 @@ class DSMIL(nn.Module):
         in_dim: patch feature size D (also the value width, as in the paper).
         num_classes: number of bag classes C.
         query_dim: width of the query projection.
-        dropout: dropout on the value projection's input.
+        dropout: dropout on the value projection's input (with ``value_projection``).
         nonlinear_query: two-layer tanh query projection instead of one Linear.
         max_loss_weight: weight of the max-instance loss returned as ``loss_aux``.
+        value_projection: pass the values through Dropout + Linear (D -> D) + ReLU instead of
+            using the features as they are (the reference code's ``passing_v``).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class DSMIL(nn.Module):
         dropout: float = 0.0,
         nonlinear_query: bool = True,
         max_loss_weight: float = 1.0,
+        value_projection: bool = False,
     ):
         super().__init__()
         self.in_dim = in_dim
@@ -69,7 +74,10 @@ class DSMIL(nn.Module):
             self.query = nn.Sequential(nn.Linear(in_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh())
         else:
             self.query = nn.Linear(in_dim, query_dim)
-        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, in_dim))
+        if value_projection:
+            self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, in_dim), nn.ReLU())
+        else:
+            self.value = nn.Identity()
         # one output per class, read off that class's bag embedding and the others'
         self.bag_classifier = nn.Conv1d(num_classes, num_classes, kernel_size=in_dim)
 
