@@ -21,15 +21,6 @@ EMB = torch.tensor([[0.0], [2.0], [1.5], [10.0]])
 Y = torch.tensor([0, 0, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU, spinning OpenMP threads slow tiny ops ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_pairwise_distances_hand_values():
     d = pairwise_distances(EMB)
     assert d[0, 1] == 4 and d[0, 2] == 2.25 and d[2, 3] == 72.25

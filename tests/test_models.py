@@ -24,15 +24,6 @@ from gimplib.models import (
 D_IN = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU, spinning OpenMP threads slow tiny ops ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _agg(**kw) -> PatchAggregator:
     cfg = dict(in_dim=D_IN, embed_dim=16, num_heads=2, num_landmarks=4, dropout=0.0)
     return PatchAggregator(**(cfg | kw))

@@ -167,26 +167,6 @@ TINY_AGG = dict(embed_dim=64, depth=2, num_heads=4, num_landmarks=16, dropout=0.
 FAST = dict(device="cpu", progress=False, n_boot=50, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: one intra-op thread is faster than oversubscribed ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    from gimplib.data.cohort import load_cohort
-    from gimplib.data.splits import train_val_test_split
-    from gimplib.data.synthetic import generate_cohort
-
-    folder = generate_cohort(tmp_path_factory.mktemp("cohort") / "smoke", preset="smoke", seed=0, progress=False)
-    cohort = load_cohort(folder, verbose=False)
-    return cohort, train_val_test_split(cohort, seed=0)
-
-
 def _train_accuracy(ckpt, cohort, ids, kind):
     """Accuracy of a saved model on the TRAINING cases, in eval mode."""
     from gimplib.data.datasets import BagDataset
