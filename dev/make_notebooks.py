@@ -43,8 +43,12 @@ def code(text: str, tags: list[str] | None = None):
     return cell
 
 
-def params(extra: str):
-    source = COMMON_PARAMS + dedent(extra).strip("\n")
+CACHE_PARAM = "bag_cache_gb = 0  # GiB of bags kept in memory between reads (0 reads them from disk each time)\n"
+
+
+def params(extra: str, cache: bool = False):
+    """The cell tagged `parameters`: the common ones, the stage's own, and (``cache``) the bag cache."""
+    source = COMMON_PARAMS + (CACHE_PARAM if cache else "") + dedent(extra).strip("\n")
     for line in source.splitlines():
         # papermill's parameter parser gives up on a line whose comment holds "=" (and then
         # the book's parameter check cannot see the name): keep comments free of it
@@ -53,10 +57,11 @@ def params(extra: str):
     return code(source, tags=["parameters"])
 
 
-def setup(stage: str, require: str = "None") -> str:
-    """The set-up cell every stage shares: paths, seed, device, cohort, split."""
+def setup(stage: str, require: str = "None", cache: bool = False) -> str:
+    """The set-up cell every stage shares: paths, seed, device, cohort, split (and the bag cache)."""
+    cache_line = "gimplib.data.set_bag_cache(bag_cache_gb)\n    " if cache else ""
     return f'''
-    workdir = Path(workdir)
+    {cache_line}workdir = Path(workdir)
     stage_dir = workdir / "{stage}"
     fig_dir = stage_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +321,7 @@ NB02 = [
     $$
     \hat t_k = \mathrm{MSA}\big([\,t_k;\; E\,g_{k,1};\; \dots;\; E\,g_{k,F/K}\,]\big)_0, \qquad
     \mathrm{CLS}_{ge} = \mathrm{MSA}\big([\,\mathrm{cls};\; \hat t_1;\; \dots;\; \hat t_K\,]\big)_0
-    \tag{1}
+    \tag{1, 2}
     $$
 
     (in our notation; fragment size $s$ and group count $K$ are not given in the paper and are
@@ -458,7 +463,6 @@ NB03 = [
     [\,\mathrm{CLS}_{img};\; z_1; \dots; z_L\,] = \mathrm{NystromMSA}^{(2)}\big([\,\mathrm{cls};\;
     h_1; \dots; h_L\,]\big), \qquad
     h_i = \begin{cases} m & i \in M \\ \mathrm{ReLU}(W x_i) & \text{else} \end{cases}
-    \tag{2}
     $$
 
     and a light decoder maps the tokens back to $\mathbb{R}^{1024}$. The reconstruction loss is
@@ -505,8 +509,8 @@ NB03 = [
     weight_decay = 1e-2  # AdamW weight decay
     batch_size = 8  # windows per step
     n_show = 1  # test windows whose reconstructions are drawn
-    '''),
-    code(setup("03_mpm")),
+    ''', cache=True),
+    code(setup("03_mpm", cache=True)),
     code("""
     model_kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_landmarks=num_landmarks,
                         use_mpm=True, use_triplet=False, mask_ratio=mask_ratio, decoder_hidden=decoder_hidden)
@@ -624,8 +628,8 @@ NB04 = [
     lr = 1e-4  # AdamW learning rate (cosine schedule)
     weight_decay = 1e-2  # AdamW weight decay
     batch_size = 8  # windows per step (triplets are mined inside a batch)
-    '''),
-    code(setup("04_pretrain")),
+    ''', cache=True),
+    code(setup("04_pretrain", cache=True)),
     code("""
     gene_ckpt = None
     if gene_encoder is not None:
@@ -720,8 +724,8 @@ NB05 = [
     lr = 1e-4  # AdamW learning rate (cosine schedule)
     weight_decay = 1e-2  # AdamW weight decay
     batch_size = 1  # bags per step
-    '''),
-    code(setup("05_finetune")),
+    ''', cache=True),
+    code(setup("05_finetune", cache=True)),
     code("""
     pretrained_ckpt = None
     if pretrained is not None:
@@ -828,8 +832,8 @@ NB06 = [
     knn_k = 5  # neighbours of the kNN separability score
     n_heatmaps = 2  # test slides drawn with attention
     top_groups = 16  # gene groups shown in the attribution plot
-    '''),
-    code(setup("06_figures")),
+    ''', cache=True),
+    code(setup("06_figures", cache=True)),
     md("""
     ## Fig. 2: patient embeddings after pre-training
 
@@ -974,10 +978,10 @@ NB07 = [
 
     Every row of the paper's Table 1 (pathology-only MIL, pathology + genomics without
     pre-training, image-gene pre-training, GiMP's variants) and Table 2 (the ablation of
-    GiMP's parts) is trained here by the same engine on the same split, over `seeds`, and shown
-    as mean ± sd of test accuracy and AUC. Every number in the "ours" columns is read back from
-    the `metrics.json` that its run wrote under `workdir/07_compare/runs/<recipe>/seed_<s>/`;
-    none is typed in.
+    GiMP's parts) is trained here by the same engine on the same split (or on each of the
+    folds of stage 01), over `seeds`, and shown as mean ± sd of test accuracy and AUC. Every
+    number in the "ours" columns is read back from the `metrics.json` that its run wrote under
+    `workdir/07_compare/runs/<recipe>/seed_<s>/`; none is typed in.
 
     The paper's numbers are shown beside ours **only where we could verify them**: GiMP's
     accuracy 0.9947 (Table 1) and 0.9974 (Table 2, last row, the same full model; the paper
@@ -989,24 +993,24 @@ NB07 = [
     %matplotlib inline
     from pathlib import Path
 
-    import numpy as np
     import pandas as pd
 
     import gimplib
     from gimplib.data import load_cohort, train_val_test_split
     from gimplib.data.synthetic import resolve_cohort_dir
     from gimplib.metrics import mean_sd
-    from gimplib.models.baselines import BASELINES
-    from gimplib.train import finetune, pretrain_baseline, pretrain_gimp, train_baseline, train_gene_encoder
+    from gimplib.train.compare import ROWS, RECIPES, SweepConfig, read_runs, render_table, run_sweep, unavailable
     from gimplib.utils import get_device, load_json, save_json, seed_everything
     """),
     params('''
-    seeds = [0, 1, 2]  # training seeds per row (the split stays the one of stage 01)
+    seeds = [0, 1, 2]  # training seeds per row
+    folds = False  # True runs every row on each fold of stage 01 (rows x folds x seeds) instead of its one split
     tables = ["table1", "table2"]  # which tables to run
-    rows = None  # None: every row; or a list of recipes to run, e.g. ["abmil", "gimp"]
+    rows = None  # None runs every row; or a list of recipes, e.g. ["abmil", "gimp"]
+    n_jobs = 1  # runs trained at once in separate processes (CPU cores; keep 1 on one GPU)
     window_len = 6000  # pre-training windows (and input 'window' fine-tuning)
-    input = "bag"  # fine-tuning input: "bag" or "window"
-    max_patches = None  # with input 'bag': cap on patches per bag
+    input = "bag"  # fine-tuning input, "bag" or "window"
+    max_patches = None  # with input 'bag', a cap on training patches per bag
     embed_dim = 512  # aggregator width (GiMP and the baselines that take one)
     depth = 2  # Nystrom layers
     num_heads = 8  # attention heads
@@ -1019,22 +1023,26 @@ NB07 = [
     pretrain_epochs = 100  # pre-training epochs
     finetune_epochs = 70  # fine-tuning / supervised epochs
     lr = 1e-4  # AdamW learning rate (cosine schedule)
+    baseline_lr = None  # learning rate of the eight published systems (None uses lr)
     weight_decay = 1e-2  # AdamW weight decay
     pretrain_batch_size = 8  # windows per pre-training step
     batch_size = 1  # bags per fine-tuning step
-    '''),
-    code(setup("07_compare")),
+    ''', cache=True),
+    code(setup("07_compare", cache=True)),
     md("""
     ## The rows
 
-    Each row names a *recipe*, a way of training one system with the engine; rows that are the
-    same system (Table 1's GiMP and Table 2's last row) share their runs.
+    Each row names a *recipe*, a way of training one system with the engine
+    (`gimplib.train.compare`); rows that are the same system (Table 1's GiMP and Table 2's
+    last row) share their runs.
 
-    - `baseline`: a registered system (`gimplib.models.baselines.BASELINES`) trained end to end
-      with cross-entropy plus its own auxiliary loss: ABMIL {cite}`ilse2018abmil`, DSMIL
+    - `baseline`: a registered system (`gimplib.models.baselines.BASELINES`) trained end to
+      end with cross-entropy plus its own auxiliary loss: ABMIL {cite}`ilse2018abmil`, DSMIL
       {cite}`li2021dsmil`, CLAM-SB/MB {cite}`lu2021clam`, TransMIL {cite}`shao2021transmil`,
       PORPOISE {cite}`chen2022porpoise`, Pathomic Fusion {cite}`chen2020pathomic`, MCAT
       {cite}`chen2021mcat`.
+    - `fusion`: GiMP's aggregator and a gene encoder trained together with labels on the
+      concatenated class tokens, without pre-training.
     - `gimp`: the GiMP stages with the row's switches: a supervised gene encoder (GroupMSA or
       SNN) when the row uses genes, pre-training with MPM and/or triplets, then fine-tuning of
       the aggregator with an MLP head.
@@ -1045,116 +1053,48 @@ NB07 = [
 
     How the ablation rows read (the paper's Table 2 ticks the parts each row uses): without any
     pre-training objective, the gene encoder can only contribute through fusion, so "aggregator +
-    SNN" and "aggregator + GroupMSA" (and Table 1's "GiMP w/o pre-training") are the aggregator
-    and the gene encoder trained together with labels on the concatenated class tokens; the
-    rows with a triplet use the gene encoder as GiMP does, frozen, inside the triplet
-    embedding; "aggregator + MPM" pre-trains without genes.
+    SNN" and "aggregator + GroupMSA" (and Table 1's "GiMP w/o pre-training") are the `fusion`
+    recipe; the rows with a triplet use the gene encoder as GiMP does, frozen, inside the
+    triplet embedding; "aggregator + MPM" pre-trains without genes.
+
+    **Learning rates.** Every row uses the same optimiser (AdamW, cosine schedule), epochs and
+    split. The eight published systems train at `baseline_lr`, GiMP's rows and the
+    pre-training baselines (built on GiMP's aggregator) at `lr`. At the paper's scale both are
+    1e-4. The demo's short schedule gives GiMP's rows 1e-3; ABMIL and TransMIL put a Linear +
+    ReLU on the non-negative patch features, and at 1e-3 all its units die within an epoch
+    (ABMIL then sits at chance with its training loss stuck at ln 2), so the demo keeps the
+    baselines at 2e-4, the rate their reference code uses.
     """),
     code("""
-    common = dict(lr=lr, weight_decay=weight_decay, device=device, overwrite=overwrite, progress=progress)
-    agg = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_landmarks=num_landmarks)
-    gene_kwargs = {
-        "groupmsa": dict(fragment_size=fragment_size, num_groups=num_groups, embed_dim=gene_embed_dim),
-        "snn": dict(embed_dim=gene_embed_dim),
-    }
-    # each system's own width arguments, scaled with embed_dim (DSMIL and Pathomic Fusion keep their small defaults)
-    baseline_kwargs = {
-        "abmil": dict(embed_dim=embed_dim), "dsmil": {}, "clam_sb": dict(embed_dim=embed_dim),
-        "clam_mb": dict(embed_dim=embed_dim), "transmil": dict(embed_dim=embed_dim, num_heads=num_heads, num_landmarks=num_landmarks),
-        "porpoise": dict(embed_dim=embed_dim), "pathomic": {}, "mcat": dict(embed_dim=embed_dim, num_heads=num_heads),
-    }
-    # a recipe: how one system is trained. Rows that are the same system share its runs.
-    RECIPES = {
-        **{name: ("baseline", dict(name=name)) for name in baseline_kwargs},
-        "fusion_snn": ("baseline", dict(name="gimp_fusion", model_kwargs=dict(agg, gene_encoder="snn", gene_kwargs=gene_kwargs["snn"]))),
-        "fusion_groupmsa": ("baseline", dict(name="gimp_fusion", model_kwargs=dict(agg, gene_encoder="groupmsa", gene_kwargs=gene_kwargs["groupmsa"]))),
-        **{name: ("pretrain_baseline", dict(name=name)) for name in ("biovil", "mgca", "refers")},
-        "pre_mpm": ("gimp", dict(gene=None, mpm=True, triplet=False)),
-        "pre_mpm_tri": ("gimp", dict(gene=None, mpm=True, triplet=True)),
-        "pre_snn_tri": ("gimp", dict(gene="snn", mpm=False, triplet=True)),
-        "pre_groupmsa_tri": ("gimp", dict(gene="groupmsa", mpm=False, triplet=True)),
-        "gimp": ("gimp", dict(gene="groupmsa", mpm=True, triplet=True)),
-    }
-    ROWS = pd.DataFrame([
-        # table, group, row label, recipe
-        ("table1", "pathology only", "ABMIL", "abmil"),
-        ("table1", "pathology only", "DSMIL", "dsmil"),
-        ("table1", "pathology only", "CLAM-SB", "clam_sb"),
-        ("table1", "pathology only", "CLAM-MB", "clam_mb"),
-        ("table1", "pathology only", "TransMIL", "transmil"),
-        ("table1", "pathology only", "GiMP w/o GroupMSA", "pre_mpm_tri"),
-        ("table1", "pathology + genomics", "PORPOISE", "porpoise"),
-        ("table1", "pathology + genomics", "Pathomic Fusion", "pathomic"),
-        ("table1", "pathology + genomics", "MCAT", "mcat"),
-        ("table1", "pathology + genomics", "GiMP w/o pre-training", "fusion_groupmsa"),
-        ("table1", "pre-training", "BioViL-style", "biovil"),
-        ("table1", "pre-training", "MGCA-style", "mgca"),
-        ("table1", "pre-training", "REFERS-style", "refers"),
-        ("table1", "pre-training", "GiMP", "gimp"),
-        ("table2", "ablation", "aggregator + SNN", "fusion_snn"),
-        ("table2", "ablation", "aggregator + GroupMSA", "fusion_groupmsa"),
-        ("table2", "ablation", "aggregator + MPM", "pre_mpm"),
-        ("table2", "ablation", "aggregator + SNN + triplet", "pre_snn_tri"),
-        ("table2", "ablation", "aggregator + GroupMSA + triplet", "pre_groupmsa_tri"),
-        ("table2", "ablation", "all (GroupMSA + MPM + triplet)", "gimp"),
-    ], columns=["table", "group", "label", "recipe"])
-    selected = ROWS[ROWS["table"].isin(tables) & (ROWS["recipe"].isin(rows) if rows else True)]
+    config = SweepConfig(
+        input=input, window_len=window_len, max_patches=max_patches, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, num_landmarks=num_landmarks, decoder_hidden=decoder_hidden,
+        gene_embed_dim=gene_embed_dim, fragment_size=fragment_size, num_groups=num_groups,
+        gene_epochs=gene_epochs, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
+        lr=lr, baseline_lr=baseline_lr, weight_decay=weight_decay, pretrain_batch_size=pretrain_batch_size,
+        batch_size=batch_size, device=device, progress=progress, overwrite=overwrite,
+    )
+    selected = pd.DataFrame([r.__dict__ for r in ROWS if r.table in tables and (not rows or r.recipe in rows)])
+    selected["kind"] = [RECIPES[r][0] for r in selected["recipe"]]
     selected
-    """),
-    code("""
-    def unavailable(recipe):
-        \"\"\"Why a recipe cannot run in this installation, or None.\"\"\"
-        kind, opt = RECIPES[recipe]
-        if kind == "baseline" and opt["name"] not in BASELINES:
-            return f"{opt['name']!r} is not registered in gimplib.models.baselines.BASELINES"
-        return None
-
-
-    def run_recipe(recipe, seed):
-        \"\"\"Train one recipe with one seed; return the folder holding its metrics.json.\"\"\"
-        kind, opt = RECIPES[recipe]
-        out = stage_dir / "runs" / recipe / f"seed_{seed}"
-        fit = dict(input=input, window_len=window_len, max_patches=max_patches, num_epochs=finetune_epochs,
-                   batch_size=batch_size, seed=seed, out_dir=out, **common)
-        if kind == "baseline":
-            train_baseline(opt["name"], cohort, split, model_kwargs=opt.get("model_kwargs", baseline_kwargs.get(opt["name"])), **fit)
-            return out
-        gene = "groupmsa" if kind == "pretrain_baseline" else opt["gene"]
-        gene_ckpt = None
-        if gene is not None:  # the supervised gene encoder of this seed, shared by every row that uses it
-            gene_ckpt = train_gene_encoder(
-                cohort, split, encoder=gene, encoder_kwargs=gene_kwargs[gene], num_epochs=gene_epochs,
-                batch_size=32, seed=seed, out_dir=stage_dir / "runs" / f"genes_{gene}" / f"seed_{seed}", **common,
-            ).checkpoint
-        pre = dict(gene_encoder_ckpt=gene_ckpt, window_len=window_len, num_epochs=pretrain_epochs,
-                   batch_size=pretrain_batch_size, seed=seed, out_dir=out / "pretrain", **common)
-        if kind == "pretrain_baseline":
-            pretrained = pretrain_baseline(opt["name"], cohort, split, model_kwargs=agg, **pre).checkpoint
-        else:
-            pretrained = pretrain_gimp(
-                cohort, split, **pre,
-                model_kwargs=dict(agg, use_mpm=opt["mpm"], use_triplet=opt["triplet"], decoder_hidden=decoder_hidden),
-            ).checkpoint
-        finetune(cohort, split, pretrained_ckpt=pretrained, **fit)
-        return out
     """),
     md("""
     ## Running the sweep
 
-    One engine call per recipe and seed; finished runs are reused, so the cell can be re-run after
-    an interruption. A row whose system is not available in this installation is reported and
-    skipped rather than silently dropped.
+    One engine call per recipe, seed (and fold); `n_jobs` of them run at once in separate
+    processes, each seeding itself, so the numbers do not depend on `n_jobs`. Finished runs
+    are reused, so the cell can be re-run after an interruption. A row whose system is not
+    available in this installation is reported and skipped rather than silently dropped.
     """),
     code("""
-    done, skipped = {}, {}
-    for recipe in dict.fromkeys(selected["recipe"]):  # each recipe once, even when two rows share it
-        if (reason := unavailable(recipe)) is not None:
-            skipped[recipe] = f"not run: {reason}"
-            continue
-        for s in seeds:
-            done[recipe, s] = run_recipe(recipe, s)
+    recipes = list(dict.fromkeys(selected["recipe"]))
+    skipped = {r: f"not run: {why}" for r in recipes if (why := unavailable(r)) is not None}
+    splits = [{p: f[p] for p in ("train", "val", "test")} for f in load_json(workdir / "01_data" / "folds.json")] if folds else split
+    done = run_sweep(cohort, splits, [r for r in recipes if r not in skipped], seeds, out_root=stage_dir / "runs",
+                     config=config, n_jobs=n_jobs, bag_cache_gb=bag_cache_gb)
     if skipped:
         display(pd.Series(skipped, name="skipped").to_frame())
+    print(f"{len(done)} runs under {stage_dir / 'runs'}")
     """),
     md("""
     ## Tables
@@ -1163,42 +1103,10 @@ NB07 = [
     check against the paper; a blank cell is a number we did not verify, not a zero.
     """),
     code("""
-    PAPER_TCGA = {  # the paper's TCGA-NSCLC results (Jin et al., MICCAI 2023); verified entries only
-        ("table1", "GiMP"): {"accuracy": 0.9947},
-        ("table2", "all (GroupMSA + MPM + triplet)"): {"accuracy": 0.9974},  # same model as Table 1's GiMP
-    }
-    records = []
-    for (recipe, s), out in done.items():
-        m = load_json(out / "metrics.json")
-        records.append(dict(recipe=recipe, seed=s, accuracy=m["test_accuracy"], auc=m["test_auc"], run=str(out)))
-    runs = pd.DataFrame(records, columns=["recipe", "seed", "accuracy", "auc", "run"])
+    runs = read_runs(done)
     runs.to_csv(stage_dir / "runs.csv", index=False)
-
-
-    def cell(values):
-        mean, sd = mean_sd(np.asarray(values, dtype=float))
-        return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
     ours = "ours, synthetic" if data_dir is None else "ours"
-
-
-    def render(table):
-        out = []
-        for row in ROWS[ROWS["table"] == table].itertuples():
-            r = runs[runs["recipe"] == row.recipe]
-            paper = PAPER_TCGA.get((table, row.label), {})
-            out.append({
-                "group": row.group, "system": row.label, "seeds": len(r),
-                f"accuracy ({ours})": cell(r["accuracy"]) if len(r) else skipped.get(row.recipe, "not selected"),
-                f"AUC ({ours})": cell(r["auc"]) if len(r) else "",
-                "accuracy (paper, TCGA)": paper.get("accuracy", ""),
-                "AUC (paper, TCGA)": paper.get("auc", ""),
-            })
-        return pd.DataFrame(out).set_index(["group", "system"])
-
-
-    tables_out = {table: render(table) for table in tables}
+    tables_out = {table: render_table(runs, table, ours=ours, missing=skipped) for table in tables}
     for table, frame in tables_out.items():
         frame.to_csv(stage_dir / f"{table}.csv")
         display(frame.style.set_caption({"table1": "Table 1: comparison", "table2": "Table 2: ablation"}[table]))
@@ -1217,7 +1125,7 @@ NB07 = [
     ## Summary
 
     - Every row is a call to the same engine with the same split, optimiser and schedule; the
-      differences between rows are the systems, not the training set-up.
+      rows differ in the systems (and the published systems in their learning rate, above).
     - The tables are regenerated from the runs' `metrics.json` files; rerun with
       `notebooks/params/paper.yaml` on a GPU for the paper's scale (5 seeds, 100 + 70 epochs).
     """),

@@ -1,0 +1,431 @@
+"""The paper's comparison: the rows of Tables 1 and 2 as recipes the engine trains over seeds.
+
+A *row* is a line of one of the paper's tables (Jin et al., MICCAI 2023: Table 1 compares
+GiMP with pathology-only MIL, pathology + genomics fusion and image-gene pre-training;
+Table 2 ablates GiMP's parts). A *recipe* is how one system is trained with this package's
+engine; rows that are the same system (Table 1's GiMP and Table 2's last row) share a recipe
+and its runs. :func:`run_sweep` trains recipes x seeds (x folds), in parallel processes if
+asked, into ``<out_root>/<recipe>/[fold_<k>/]seed_<s>/``; :func:`read_runs` reads the runs'
+``metrics.json`` back and :func:`render_table` lays them out as mean +- sd beside the
+paper's numbers. No figure in a table is typed in: each comes from a file a run wrote.
+
+Recipes:
+    * ``baseline``: a registered system (:data:`gimplib.models.baselines.BASELINES`) trained
+      end to end with cross-entropy plus its own auxiliary loss (:func:`train_baseline`).
+    * ``fusion``: GiMP's aggregator and a gene encoder trained together with labels on the
+      concatenated class tokens, no pre-training (``gimp_fusion``): Table 1's "GiMP w/o
+      pre-training" and Table 2's first two rows.
+    * ``gimp``: a supervised gene encoder (when the row uses genes), pre-training with MPM
+      and/or the gene-induced triplet (:func:`pretrain_gimp`), then fine-tuning.
+    * ``pretrain_baseline``: an image-gene pre-training baseline (BioViL-, MGCA-,
+      REFERS-style) on the same windows, from the supervised GroupMSA of the same seed, then
+      the same fine-tuning as GiMP.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from gimplib.metrics import mean_sd
+from gimplib.utils import load_json
+
+__all__ = [
+    "PAPER_TCGA",
+    "RECIPES",
+    "ROWS",
+    "Job",
+    "Row",
+    "SweepConfig",
+    "read_runs",
+    "render_table",
+    "run_recipe",
+    "run_sweep",
+    "unavailable",
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the paper's Table 1 or 2 and the recipe that regenerates it."""
+
+    table: str
+    group: str
+    label: str
+    recipe: str
+
+
+ROWS: tuple[Row, ...] = (
+    Row("table1", "pathology only", "ABMIL", "abmil"),
+    Row("table1", "pathology only", "DSMIL", "dsmil"),
+    Row("table1", "pathology only", "CLAM-SB", "clam_sb"),
+    Row("table1", "pathology only", "CLAM-MB", "clam_mb"),
+    Row("table1", "pathology only", "TransMIL", "transmil"),
+    Row("table1", "pathology only", "GiMP w/o GroupMSA", "pre_mpm_tri"),
+    Row("table1", "pathology + genomics", "PORPOISE", "porpoise"),
+    Row("table1", "pathology + genomics", "Pathomic Fusion", "pathomic"),
+    Row("table1", "pathology + genomics", "MCAT", "mcat"),
+    Row("table1", "pathology + genomics", "GiMP w/o pre-training", "fusion_groupmsa"),
+    Row("table1", "pre-training", "BioViL-style", "biovil"),
+    Row("table1", "pre-training", "MGCA-style", "mgca"),
+    Row("table1", "pre-training", "REFERS-style", "refers"),
+    Row("table1", "pre-training", "GiMP", "gimp"),
+    Row("table2", "ablation", "aggregator + SNN", "fusion_snn"),
+    Row("table2", "ablation", "aggregator + GroupMSA", "fusion_groupmsa"),
+    Row("table2", "ablation", "aggregator + MPM", "pre_mpm"),
+    Row("table2", "ablation", "aggregator + SNN + triplet", "pre_snn_tri"),
+    Row("table2", "ablation", "aggregator + GroupMSA + triplet", "pre_groupmsa_tri"),
+    Row("table2", "ablation", "all (GroupMSA + MPM + triplet)", "gimp"),
+)
+
+#: recipe -> (kind, options); see the module docstring for the kinds.
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    **{name: ("baseline", {"name": name})
+       for name in ("abmil", "dsmil", "clam_sb", "clam_mb", "transmil", "porpoise", "pathomic", "mcat")},
+    "fusion_snn": ("fusion", {"gene": "snn"}),
+    "fusion_groupmsa": ("fusion", {"gene": "groupmsa"}),
+    **{name: ("pretrain_baseline", {"name": name, "gene": "groupmsa"}) for name in ("biovil", "mgca", "refers")},
+    "pre_mpm": ("gimp", {"gene": None, "mpm": True, "triplet": False}),
+    "pre_mpm_tri": ("gimp", {"gene": None, "mpm": True, "triplet": True}),
+    "pre_snn_tri": ("gimp", {"gene": "snn", "mpm": False, "triplet": True}),
+    "pre_groupmsa_tri": ("gimp", {"gene": "groupmsa", "mpm": False, "triplet": True}),
+    "gimp": ("gimp", {"gene": "groupmsa", "mpm": True, "triplet": True}),
+}
+
+#: The paper's TCGA-NSCLC results that we could check against the paper; nothing else is
+#: filled in. Table 2's last row is the same model as Table 1's GiMP (the paper reports
+#: 0.9947 and 0.9974 for it).
+PAPER_TCGA: dict[tuple[str, str], dict[str, float]] = {
+    ("table1", "GiMP"): {"accuracy": 0.9947},
+    ("table2", "all (GroupMSA + MPM + triplet)"): {"accuracy": 0.9974},
+}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The settings every row of a sweep shares (the paper's scale by default).
+
+    Attributes:
+        input: fine-tuning input, ``"bag"`` (whole bags) or ``"window"``.
+        window_len: L of the pre-training windows (and of ``input="window"``).
+        max_patches: with ``input="bag"``, a cap on training patches per bag (None: all).
+        embed_dim, depth, num_heads, num_landmarks: the aggregator (and the baselines'
+            widths: ABMIL, CLAM, TransMIL, PORPOISE and MCAT take ``embed_dim``; DSMIL and
+            Pathomic Fusion keep their own small defaults).
+        decoder_hidden: hidden width of the MPM decoder.
+        gene_embed_dim, fragment_size, num_groups: the gene encoders (GroupMSA; SNN uses
+            ``gene_embed_dim``).
+        gene_epochs, pretrain_epochs, finetune_epochs: schedule lengths (fine-tuning is also
+            the supervised training of the baselines).
+        lr, weight_decay: AdamW (cosine schedule) for every stage.
+        baseline_lr: the learning rate of the ``baseline`` recipes, the eight published
+            systems trained end to end (None: ``lr``). Their reference code trains at about
+            2e-4 (CLAM's example command, TransMIL's configs); ABMIL and TransMIL put a
+            Linear + ReLU on the non-negative patch features, whose units all die within an
+            epoch at 1e-3 (measured on the demo cohort: ABMIL at chance, train loss stuck at
+            ln 2), so a short schedule that gives GiMP a higher rate must not force it on them.
+        pretrain_batch_size, batch_size: windows per pre-training step, bags per step.
+        device, progress, overwrite: runtime options passed to every run.
+    """
+
+    input: str = "bag"
+    window_len: int = 6000
+    max_patches: int | None = None
+    embed_dim: int = 512
+    depth: int = 2
+    num_heads: int = 8
+    num_landmarks: int = 256
+    decoder_hidden: int = 512
+    gene_embed_dim: int = 256
+    fragment_size: int = 256
+    num_groups: int = 16
+    gene_epochs: int = 50
+    pretrain_epochs: int = 100
+    finetune_epochs: int = 70
+    lr: float = 1e-4
+    baseline_lr: float | None = None
+    weight_decay: float = 1e-2
+    pretrain_batch_size: int = 8
+    batch_size: int = 1
+    device: str = "auto"
+    progress: bool = False
+    overwrite: bool = False
+
+    def aggregator(self) -> dict[str, Any]:
+        return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                    num_landmarks=self.num_landmarks)
+
+    def gene_kwargs(self, gene: str) -> dict[str, Any]:
+        if gene == "groupmsa":
+            return dict(fragment_size=self.fragment_size, num_groups=self.num_groups, embed_dim=self.gene_embed_dim)
+        return dict(embed_dim=self.gene_embed_dim)
+
+    def baseline_kwargs(self, name: str) -> dict[str, Any]:
+        """Each system's own width arguments, scaled with ``embed_dim``."""
+        return {
+            "abmil": dict(embed_dim=self.embed_dim),
+            "clam_sb": dict(embed_dim=self.embed_dim),
+            "clam_mb": dict(embed_dim=self.embed_dim),
+            "transmil": dict(embed_dim=self.embed_dim, num_heads=self.num_heads, num_landmarks=self.num_landmarks),
+            "porpoise": dict(embed_dim=self.embed_dim),
+            "mcat": dict(embed_dim=self.embed_dim, num_heads=self.num_heads),
+        }.get(name, {})
+
+
+@dataclass(frozen=True, order=True)
+class Job:
+    """One run of a sweep: a recipe with one seed on one split (``fold`` None) or fold."""
+
+    recipe: str
+    seed: int
+    fold: int | None = None
+
+    def out_dir(self, out_root: str | os.PathLike) -> Path:
+        base = Path(out_root) / self.recipe
+        return (base if self.fold is None else base / f"fold_{self.fold}") / f"seed_{self.seed}"
+
+
+def unavailable(recipe: str) -> str | None:
+    """Why ``recipe`` cannot run in this installation (its system is not registered), or None."""
+    from gimplib.models.baselines import BASELINES
+
+    if recipe not in RECIPES:
+        return f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}"
+    kind, opt = RECIPES[recipe]
+    name = opt.get("name", "gimp_fusion" if kind == "fusion" else None)
+    if name is not None and name not in BASELINES:
+        return f"{name!r} is not registered in gimplib.models.baselines.BASELINES"
+    return None
+
+
+def _gene_dir(out_root: Path, gene: str, seed: int, fold: int | None) -> Path:
+    return Job(f"genes_{gene}", seed, fold).out_dir(out_root)
+
+
+def _train_gene_encoder(cohort: Any, split: Mapping, gene: str, seed: int, fold: int | None, out_root: Path,
+                        cfg: SweepConfig) -> Path:
+    from gimplib.train.tasks import train_gene_encoder
+
+    return train_gene_encoder(
+        cohort, split, encoder=gene, encoder_kwargs=cfg.gene_kwargs(gene), num_epochs=cfg.gene_epochs,
+        batch_size=32, seed=seed, out_dir=_gene_dir(out_root, gene, seed, fold), lr=cfg.lr,
+        weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite, progress=cfg.progress,
+    ).checkpoint
+
+
+def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out_root: str | os.PathLike,
+               config: SweepConfig, gene_ckpt: str | os.PathLike | None = None) -> Path:
+    """Train one job; return the folder holding its ``metrics.json`` (reused when finished).
+
+    A recipe that needs a supervised gene encoder uses ``gene_ckpt``, or else the one of its
+    seed (and fold) under ``<out_root>/genes_<encoder>/``, trained here if not there yet.
+    """
+    from gimplib.train.pretraining import finetune, pretrain_baseline, pretrain_gimp
+    from gimplib.train.tasks import train_baseline
+
+    cfg, out_root = config, Path(out_root)
+    if (reason := unavailable(job.recipe)) is not None:
+        raise ValueError(f"recipe {job.recipe!r} cannot run: {reason}")
+    kind, opt = RECIPES[job.recipe]
+    out = job.out_dir(out_root)
+    runtime = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite,
+                   progress=cfg.progress)
+    fit = dict(input=cfg.input, window_len=cfg.window_len, max_patches=cfg.max_patches,
+               num_epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, seed=job.seed, out_dir=out, **runtime)
+    if kind == "baseline":
+        if cfg.baseline_lr is not None:
+            fit["lr"] = cfg.baseline_lr
+        train_baseline(opt["name"], cohort, split, model_kwargs=cfg.baseline_kwargs(opt["name"]), **fit)
+        return out
+    if kind == "fusion":
+        model_kwargs = dict(cfg.aggregator(), gene_encoder=opt["gene"], gene_kwargs=cfg.gene_kwargs(opt["gene"]))
+        train_baseline("gimp_fusion", cohort, split, model_kwargs=model_kwargs, **fit)
+        return out
+    if opt["gene"] is None:
+        gene_ckpt = None
+    elif gene_ckpt is None:
+        gene_ckpt = _train_gene_encoder(cohort, split, opt["gene"], job.seed, job.fold, out_root, cfg)
+    pre = dict(gene_encoder_ckpt=gene_ckpt, window_len=cfg.window_len, num_epochs=cfg.pretrain_epochs,
+               batch_size=cfg.pretrain_batch_size, seed=job.seed, out_dir=out / "pretrain", **runtime)
+    if kind == "pretrain_baseline":
+        pretrained = pretrain_baseline(opt["name"], cohort, split, model_kwargs=cfg.aggregator(), **pre).checkpoint
+    else:
+        model_kwargs = dict(cfg.aggregator(), use_mpm=opt["mpm"], use_triplet=opt["triplet"],
+                            decoder_hidden=cfg.decoder_hidden)
+        pretrained = pretrain_gimp(cohort, split, model_kwargs=model_kwargs, **pre).checkpoint
+    finetune(cohort, split, pretrained_ckpt=pretrained, **fit)
+    return out
+
+
+# --------------------------------------------------------------------------- the sweep
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cohort: Any, bag_cache_gb: float, threads: int) -> None:
+    from gimplib.data.bags import set_bag_cache
+
+    torch.set_num_threads(threads)
+    set_bag_cache(bag_cache_gb)
+    _WORKER["cohort"] = cohort
+
+
+def _run_in_worker(job: Job, split: Mapping, out_root: Path, config: SweepConfig, gene_ckpt: Path | None) -> Path:
+    return run_recipe(job, _WORKER["cohort"], split, out_root=out_root, config=config, gene_ckpt=gene_ckpt)
+
+
+def _job_error(job: Job, err: BaseException) -> RuntimeError:
+    where = f"seed {job.seed}" + ("" if job.fold is None else f", fold {job.fold}")
+    return RuntimeError(f"recipe {job.recipe!r} ({where}) failed: {type(err).__name__}: {err}")
+
+
+def run_sweep(
+    cohort: Any,
+    splits: Mapping[str, Sequence[str]] | Sequence[Mapping[str, Sequence[str]]],
+    recipes: Iterable[str],
+    seeds: Iterable[int],
+    *,
+    out_root: str | os.PathLike,
+    config: SweepConfig = SweepConfig(),
+    n_jobs: int = 1,
+    bag_cache_gb: float = 0.0,
+) -> dict[Job, Path]:
+    """Train every recipe with every seed (on one split, or on every fold).
+
+    Finished runs are reused (unless ``config.overwrite``), so an interrupted sweep picks up
+    where it stopped. The supervised gene encoders the recipes share are trained first, in
+    this process; then the jobs run here (``n_jobs=1``) or in ``n_jobs`` fresh processes,
+    each with its share of this process's torch threads and its own bag cache. Every job
+    seeds itself, so the result does not depend on ``n_jobs``.
+
+    Args:
+        cohort: the cohort (a :class:`~gimplib.data.cohort.Cohort`; sent to the workers).
+        splits: one split ``{"train", "val", "test": [case_id, ...]}``, or a list of them
+            (k folds: each job then also has a ``fold``).
+        recipes: keys of :data:`RECIPES`, each run once (duplicates are dropped).
+        seeds: training seeds.
+        out_root: runs go to ``<out_root>/<recipe>/[fold_<k>/]seed_<s>/``.
+        config: the shared settings.
+        n_jobs: processes to train in at once (CPU: up to the cores; on one GPU keep 1).
+        bag_cache_gb: each process's in-memory bag cache (:func:`gimplib.data.set_bag_cache`).
+
+    Returns:
+        ``{Job: run folder}`` in recipe, fold, seed order.
+
+    Raises:
+        ValueError: an unknown or unavailable recipe, or ``n_jobs < 1``.
+        RuntimeError: a job failed; the message names its recipe, seed and fold (the
+            original error is chained). Jobs that finished keep their folders.
+    """
+    from gimplib.data.bags import bag_cache_info, set_bag_cache
+
+    recipes = list(dict.fromkeys(recipes))
+    for recipe in recipes:
+        if (reason := unavailable(recipe)) is not None:
+            raise ValueError(f"recipe {recipe!r} cannot run: {reason}")
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    folds = [splits] if isinstance(splits, Mapping) else list(splits)
+    fold_ids: list[int | None] = [None] if isinstance(splits, Mapping) else list(range(len(folds)))
+    out_root = Path(out_root)
+    jobs = [Job(r, int(s), f) for r in recipes for f in fold_ids for s in seeds]
+    split_of = {f: folds[0 if f is None else f] for f in fold_ids}
+
+    def gene_of(job: Job) -> tuple | None:  # the supervised gene encoder a job starts from
+        kind, opt = RECIPES[job.recipe]
+        needs = kind in ("gimp", "pretrain_baseline") and opt["gene"] is not None
+        return (opt["gene"], job.seed, job.fold) if needs else None
+
+    gene_ckpts: dict[tuple | None, Path | None] = {None: None}
+    for key in tqdm(sorted({gene_of(j) for j in jobs} - {None}, key=str), desc="gene encoders",
+                    disable=not config.progress):
+        gene, seed, fold = key
+        gene_ckpts[key] = _train_gene_encoder(cohort, split_of[fold], gene, seed, fold, out_root, config)
+
+    done: dict[Job, Path] = {}
+    if n_jobs == 1 or len(jobs) <= 1:
+        before = bag_cache_info()["max_bytes"] / 2**30
+        set_bag_cache(max(before, bag_cache_gb))
+        try:
+            for job in tqdm(jobs, desc="runs", disable=not config.progress):
+                try:
+                    done[job] = run_recipe(job, cohort, split_of[job.fold], out_root=out_root, config=config,
+                                           gene_ckpt=gene_ckpts[gene_of(job)])
+                except Exception as err:
+                    raise _job_error(job, err) from err
+        finally:
+            set_bag_cache(before)
+        return done
+
+    threads = max(1, torch.get_num_threads() // n_jobs)
+    ctx = multiprocessing.get_context("spawn")  # no fork: torch, h5py and CUDA state stay in this process
+    worker_cfg = SweepConfig(**{**asdict(config), "progress": False})
+    with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(cohort, bag_cache_gb, threads)) as pool:
+        futures = {pool.submit(_run_in_worker, job, split_of[job.fold], out_root, worker_cfg, gene_ckpts[gene_of(job)]): job
+                   for job in jobs}
+        with tqdm(total=len(jobs), desc=f"runs ({n_jobs} processes)", disable=not config.progress) as bar:
+            for fut in as_completed(futures):
+                job, err = futures[fut], fut.exception()
+                if err is not None:
+                    for other in futures:
+                        other.cancel()  # the ones not started yet; running ones finish
+                    raise _job_error(job, err) from err
+                done[job] = fut.result()
+                bar.update(1)
+    return {job: done[job] for job in jobs}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def read_runs(done: Mapping[Job, Path]) -> pd.DataFrame:
+    """One row per finished run, read from its ``metrics.json``: recipe, seed, fold,
+    accuracy, auc (test) and the run folder."""
+    records = []
+    for job, out in done.items():
+        m = load_json(Path(out) / "metrics.json")
+        records.append(dict(recipe=job.recipe, seed=job.seed, fold=job.fold, accuracy=m["test_accuracy"],
+                            auc=m["test_auc"], run=str(out)))
+    return pd.DataFrame(records, columns=["recipe", "seed", "fold", "accuracy", "auc", "run"])
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, sd = mean_sd(np.asarray(values, dtype=float))
+    return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def render_table(runs: pd.DataFrame, table: str, *, ours: str = "ours",
+                 missing: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Table 1 or 2: mean +- sd (sample sd over seeds and folds) of test accuracy and AUC per
+    row, beside the paper's verified numbers (:data:`PAPER_TCGA`; blank where unverified).
+
+    Args:
+        runs: :func:`read_runs` output.
+        table: ``"table1"`` or ``"table2"``.
+        ours: how to name our columns (e.g. ``"ours, synthetic"``).
+        missing: recipe -> text shown for a row without runs (default ``"not run"``).
+    """
+    if table not in {r.table for r in ROWS}:
+        raise ValueError(f"unknown table {table!r}; known: {sorted({r.table for r in ROWS})}")
+    out = []
+    for row in (r for r in ROWS if r.table == table):
+        r = runs[runs["recipe"] == row.recipe]
+        paper = PAPER_TCGA.get((table, row.label), {})
+        out.append({
+            "group": row.group, "system": row.label, "runs": len(r),
+            f"accuracy ({ours})": _cell(r["accuracy"].tolist()) if len(r) else (missing or {}).get(row.recipe, "not run"),
+            f"AUC ({ours})": _cell(r["auc"].tolist()) if len(r) else "",
+            "accuracy (paper, TCGA)": paper.get("accuracy", ""),
+            "AUC (paper, TCGA)": paper.get("auc", ""),
+        })
+    return pd.DataFrame(out).set_index(["group", "system"])
