@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
+
 import pytest
 
 from gimplib.models.baselines import BASELINES
@@ -98,6 +101,11 @@ def test_a_failing_run_is_named(smoke, tmp_path, n_jobs):
     bad = SweepConfig(**{**TINY.__dict__, "input": "windows"})
     with pytest.raises(RuntimeError, match=r"recipe '(abmil|clam_sb)' \(seed 0\) failed: ValueError: input must be 'bag' or 'window'"):
         run_sweep(cohort, split, ["abmil", "clam_sb"], [0], out_root=tmp_path, config=bad, n_jobs=n_jobs)
+    # no worker is left running (and writing) after the error
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
 
 
 def test_sweep_refuses_bad_arguments(smoke, tmp_path):

@@ -325,6 +325,9 @@ def run_sweep(
         ValueError: an unknown or unavailable recipe, or ``n_jobs < 1``.
         RuntimeError: a job failed; the message names its recipe, seed and fold (the
             original error is chained). Jobs that finished keep their folders.
+
+    With ``n_jobs > 1`` the workers are spawned (not forked), so a script that calls this
+    must do so under ``if __name__ == "__main__":``, as for any ``multiprocessing`` code.
     """
     from gimplib.data.bags import bag_cache_info, set_bag_cache
 
@@ -369,19 +372,28 @@ def run_sweep(
     threads = max(1, torch.get_num_threads() // n_jobs)
     ctx = multiprocessing.get_context("spawn")  # no fork: torch, h5py and CUDA state stay in this process
     worker_cfg = SweepConfig(**{**asdict(config), "progress": False})
-    with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(cohort, bag_cache_gb, threads)) as pool:
+    pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(cohort, bag_cache_gb, threads))
+    try:
         futures = {pool.submit(_run_in_worker, job, split_of[job.fold], out_root, worker_cfg, gene_ckpts[gene_of(job)]): job
                    for job in jobs}
         with tqdm(total=len(jobs), desc=f"runs ({n_jobs} processes)", disable=not config.progress) as bar:
             for fut in as_completed(futures):
                 job, err = futures[fut], fut.exception()
                 if err is not None:
-                    for other in futures:
-                        other.cancel()  # the ones not started yet; running ones finish
                     raise _job_error(job, err) from err
                 done[job] = fut.result()
                 bar.update(1)
+    except BaseException:
+        # a failed job or an interrupt: start nothing new and stop the runs in progress, so
+        # that no process still writes to a run folder when this returns (checkpoints are
+        # written atomically; an interrupted run resumes on the next call)
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # no public API before 3.14
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.terminate()
+        raise
+    pool.shutdown()
     return {job: done[job] for job in jobs}
 
 
