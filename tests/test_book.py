@@ -334,3 +334,26 @@ def test_front_page_and_a_chapter_render_non_blank(smoke_book, tmp_path):
         assert pixels.shape == (900, 1280)
         assert pixels.std() > 10, f"{name} screenshot is blank (pixel sd {pixels.std():.1f})"
         assert (pixels < 128).mean() > 0.01, f"{name} screenshot has almost no dark (text) pixels"
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(1800)
+def test_equations_render_from_the_site_itself(smoke_book, tmp_path):
+    """MathJax ships with the site: no page loads it from a CDN, and a browser typesets the
+    method page's equations from the local copy."""
+    out, result = smoke_book
+    html = result.html
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in html.rglob("*.html"):
+        text = page.read_text()
+        assert "cdn.jsdelivr.net/npm/mathjax" not in text, f"{page} loads MathJax from a CDN"
+    method = (html / "book" / "method.html").read_text()
+    assert 'src="../_static/mathjax/tex-chtml.js"' in method
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=8000", "--dump-dom", (html / "book" / "method.html").as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<mjx-container") >= 4, "MathJax did not typeset the method page's equations"
