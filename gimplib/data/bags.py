@@ -149,7 +149,7 @@ def _read_h5_rows(
 
 class _BagCache:
     """Whole h5 bags (features in their stored dtype, coords) kept in memory, least recently
-    used evicted first, keyed by path, inode, modification time and size, so that a rewritten
+    used evicted first, keyed by the file's identity (:func:`_identity`), so that a rewritten
     file is read again."""
 
     def __init__(self) -> None:
@@ -157,9 +157,20 @@ class _BagCache:
         self.entries: OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self.nbytes = self.hits = self.misses = 0
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.nbytes = 0
+    @staticmethod
+    def _size(feats: np.ndarray, coords: np.ndarray | None) -> int:
+        return feats.nbytes + (coords.nbytes if coords is not None else 0)
+
+    def _shrink(self, limit: int) -> None:
+        """Evict least recently used bags until at most ``limit`` bytes are held."""
+        while self.entries and self.nbytes > limit:
+            self.nbytes -= self._size(*self.entries.popitem(last=False)[1])
+
+    def resize(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._shrink(max_bytes)
+        if max_bytes == 0:
+            self.hits = self.misses = 0
 
     def get(self, key: tuple) -> tuple[np.ndarray, np.ndarray | None] | None:
         entry = self.entries.get(key)
@@ -170,15 +181,23 @@ class _BagCache:
         self.hits += 1
         return entry
 
-    def put(self, key: tuple, feats: np.ndarray, coords: np.ndarray | None) -> None:
-        size = feats.nbytes + (coords.nbytes if coords is not None else 0)
-        if size > self.max_bytes:
-            return  # a bag larger than the whole budget is read from disk each time
-        while self.entries and self.nbytes + size > self.max_bytes:
-            old_feats, old_coords = self.entries.popitem(last=False)[1]
-            self.nbytes -= old_feats.nbytes + (old_coords.nbytes if old_coords is not None else 0)
-        self.entries[key] = (feats, coords)
-        self.nbytes += size
+    def load(self, key: tuple, f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read the whole bag ``f`` (identity ``key``), check it once, keep it if it fits."""
+        n, _ = _check_h5_datasets(f, path)
+        try:
+            feats = np.asarray(f["features"][...])
+            coords = np.asarray(f["coords"][...], dtype=np.int64) if "coords" in f else None
+        except OSError as err:
+            raise DataError(f"{path}: rows [0, {n}) cannot be read ({err}); the file looks corrupt") from err
+        if not np.issubdtype(feats.dtype, np.floating):
+            feats = feats.astype(np.float32)
+        _finite_or_raise(feats, path, 0)  # once, for the whole bag
+        size = self._size(feats, coords)
+        if size <= self.max_bytes:  # a bag larger than the whole budget is read from disk each time
+            self._shrink(self.max_bytes - size)
+            self.entries[key] = (feats, coords)
+            self.nbytes += size
+        return feats, coords
 
 
 _CACHE = _BagCache()
@@ -197,13 +216,7 @@ def set_bag_cache(max_gb: float) -> None:
     """
     if not max_gb >= 0:
         raise ValueError(f"max_gb must be >= 0, got {max_gb}")
-    _CACHE.max_bytes = int(max_gb * 2**30)
-    if _CACHE.max_bytes == 0:
-        _CACHE.clear()
-        _CACHE.hits = _CACHE.misses = 0
-    while _CACHE.nbytes > _CACHE.max_bytes:
-        old_feats, old_coords = _CACHE.entries.popitem(last=False)[1]
-        _CACHE.nbytes -= old_feats.nbytes + (old_coords.nbytes if old_coords is not None else 0)
+    _CACHE.resize(int(max_gb * 2**30))
 
 
 def bag_cache_info() -> dict[str, int]:
@@ -212,27 +225,13 @@ def bag_cache_info() -> dict[str, int]:
             "hits": _CACHE.hits, "misses": _CACHE.misses}
 
 
-def _cached_h5_rows(f: h5py.File, path: Path, key: tuple, start: int | None, stop: int | None,
-                    with_coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows [start, stop) of the open file ``f`` whose identity is ``key``, through the cache
-    (which must be on); features come back float32."""
-    entry = _CACHE.get(key)
-    if entry is None:
-        n, _ = _check_h5_datasets(f, path)
-        try:
-            feats = np.asarray(f["features"][...])
-            coords = np.asarray(f["coords"][...], dtype=np.int64) if "coords" in f else None
-        except OSError as err:
-            raise DataError(f"{path}: rows [0, {n}) cannot be read ({err}); the file looks corrupt") from err
-        if not np.issubdtype(feats.dtype, np.floating):
-            feats = feats.astype(np.float32)
-        _finite_or_raise(feats, path, 0)  # once, for the whole bag
-        _CACHE.put(key, feats, coords)
-        entry = (feats, coords)
-    feats, coords = entry
-    lo, hi = _bounds(start, stop, feats.shape[0], path)
-    out_coords = coords[lo:hi].copy() if with_coords and coords is not None else None
-    return feats[lo:hi].astype(np.float32), out_coords
+def _identity(path: Path) -> tuple:
+    """(path, inode, mtime, size): changes when the file is rewritten or replaced."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: bag file not found") from None
+    return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def read_bag(
@@ -294,21 +293,16 @@ class BagReader:
         if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
             self._h5, self._pt, self._pid = {}, {}, os.getpid()
 
-    def _handle(self, path: Path) -> tuple[h5py.File | torch.Tensor, tuple]:
-        """The open handle of ``path`` and the file's identity (path, inode, mtime, size);
-        a file replaced since it was opened (e.g. rewritten atomically) is opened again."""
+    def _handle(self, path: Path, ident: tuple) -> h5py.File | torch.Tensor:
+        """The open handle of ``path``, whose identity is now ``ident`` (:func:`_identity`); a
+        file replaced since it was opened (e.g. rewritten atomically) is opened again."""
         self._pool()
         pool = self._pt if path.suffix == ".pt" else self._h5
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise DataError(f"{path}: bag file not found") from None
-        ident = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
         if path in pool:
             handle, old = pool.pop(path)
             if old == ident:
                 pool[path] = (handle, ident)  # mark as most recently used
-                return handle, ident
+                return handle
             if isinstance(handle, h5py.File):
                 handle.close()
         if len(pool) >= self.max_open:
@@ -318,7 +312,7 @@ class BagReader:
                 handle.close()
         handle = _load_pt(path) if path.suffix == ".pt" else _open_h5(path)
         pool[path] = (handle, ident)
-        return handle, ident
+        return handle
 
     def read(
         self,
@@ -330,10 +324,15 @@ class BagReader:
     ) -> Bag:
         """Same as :func:`read_bag`, through the pool (and the cache, when :func:`set_bag_cache` is on)."""
         path = Path(path)
-        handle, ident = self._handle(path)
-        if _CACHE.max_bytes and isinstance(handle, h5py.File):
-            feats, coords = _cached_h5_rows(handle, path, ident, start, stop, with_coords)
-            return Bag(feats=feats, coords=coords, path=path)  # checked finite when cached
+        ident = _identity(path)
+        if _CACHE.max_bytes and path.suffix != ".pt":
+            # a cached bag needs no open file; a bag read for the cache was checked finite
+            entry = _CACHE.get(ident)
+            feats, coords = entry if entry is not None else _CACHE.load(ident, self._handle(path, ident), path)
+            lo, hi = _bounds(start, stop, feats.shape[0], path)
+            out_coords = coords[lo:hi].copy() if with_coords and coords is not None else None
+            return Bag(feats=feats[lo:hi].astype(np.float32), coords=out_coords, path=path)
+        handle = self._handle(path, ident)
         if isinstance(handle, torch.Tensor):
             lo, hi = _bounds(start, stop, handle.shape[0], path)
             feats, coords = handle[lo:hi].to(torch.float32).numpy(), None
