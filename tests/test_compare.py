@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 
@@ -98,7 +99,7 @@ def test_sweep_over_folds_and_seeds_gives_mean_and_sd(smoke, tmp_path):
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_a_failing_run_is_named(smoke, tmp_path, n_jobs):
     cohort, split = smoke
-    bad = SweepConfig(**{**TINY.__dict__, "input": "windows"})
+    bad = dataclasses.replace(TINY, input="windows")
     with pytest.raises(RuntimeError, match=r"recipe '(abmil|clam_sb)' \(seed 0\) failed: ValueError: input must be 'bag' or 'window'"):
         run_sweep(cohort, split, ["abmil", "clam_sb"], [0], out_root=tmp_path, config=bad, n_jobs=n_jobs)
     # no worker is left running (and writing) after the error

@@ -27,7 +27,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -337,11 +337,10 @@ def run_sweep(
             raise ValueError(f"recipe {recipe!r} cannot run: {reason}")
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
-    folds = [splits] if isinstance(splits, Mapping) else list(splits)
-    fold_ids: list[int | None] = [None] if isinstance(splits, Mapping) else list(range(len(folds)))
+    # fold -> split: one split is fold None, k folds are 0 .. k-1
+    split_of: dict[int | None, Mapping] = {None: splits} if isinstance(splits, Mapping) else dict(enumerate(splits))
     out_root = Path(out_root)
-    jobs = [Job(r, int(s), f) for r in recipes for f in fold_ids for s in seeds]
-    split_of = {f: folds[0 if f is None else f] for f in fold_ids}
+    jobs = [Job(r, int(s), f) for r in recipes for f in split_of for s in seeds]
 
     def gene_of(job: Job) -> tuple | None:  # the supervised gene encoder a job starts from
         kind, opt = RECIPES[job.recipe]
@@ -371,7 +370,7 @@ def run_sweep(
 
     threads = max(1, torch.get_num_threads() // n_jobs)
     ctx = multiprocessing.get_context("spawn")  # no fork: torch, h5py and CUDA state stay in this process
-    worker_cfg = SweepConfig(**{**asdict(config), "progress": False})
+    worker_cfg = replace(config, progress=False)
     pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
                                initargs=(cohort, bag_cache_gb, threads))
     try:
