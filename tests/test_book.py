@@ -311,12 +311,24 @@ def test_built_book_has_every_chapter_and_its_figures(smoke_book):
     assert "gene-induced multimodal pre-training" in bib.lower() and "Ting Jin" in bib
 
 
+def _chromium_or_skip() -> str:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+    return chromium
+
+
+def _headless(chromium: str, profile: Path, *args: str) -> list[str]:
+    """A headless Chromium command that reaches no network of its own accord."""
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}", *args]
+
+
 def _screenshot(chromium: str, url: str, png: Path, profile: Path) -> np.ndarray:
     from PIL import Image
 
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
-           "--hide-scrollbars", "--window-size=1280,900", "--virtual-time-budget=4000", f"--screenshot={png}", url]
+    cmd = _headless(chromium, profile, "--hide-scrollbars", "--window-size=1280,900", "--virtual-time-budget=4000",
+                    f"--screenshot={png}", url)
     subprocess.run(cmd, capture_output=True, timeout=120)
     assert png.is_file(), f"chromium wrote no screenshot of {url}"
     return np.asarray(Image.open(png).convert("L"), dtype=np.float32)
@@ -325,9 +337,7 @@ def _screenshot(chromium: str, url: str, png: Path, profile: Path) -> np.ndarray
 @pytest.mark.notebooks
 @pytest.mark.timeout(1800)
 def test_front_page_and_a_chapter_render_non_blank(smoke_book, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+    chromium = _chromium_or_skip()
     out, result = smoke_book
     for name, page in [("front", result.html / "index.html"), ("chapter", result.html / "notebooks" / "05_finetune.html")]:
         pixels = _screenshot(chromium, page.as_uri(), tmp_path / f"{name}.png", tmp_path / f"profile_{name}")
@@ -349,11 +359,7 @@ def test_equations_render_from_the_site_itself(smoke_book, tmp_path):
         assert "cdn.jsdelivr.net/npm/mathjax" not in text, f"{page} loads MathJax from a CDN"
     method = (html / "book" / "method.html").read_text()
     assert 'src="../_static/mathjax/tex-chtml.js"' in method
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-           "--virtual-time-budget=8000", "--dump-dom", (html / "book" / "method.html").as_uri()]
+    cmd = _headless(_chromium_or_skip(), tmp_path / "profile", "--virtual-time-budget=8000", "--dump-dom",
+                    (html / "book" / "method.html").as_uri())
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<mjx-container") >= 4, "MathJax did not typeset the method page's equations"
