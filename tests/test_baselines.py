@@ -384,8 +384,10 @@ def test_build_classifier_copies_the_pretrained_aggregator(name):
     assert isinstance(clf, GiMPClassifier) and clf.aggregator is not model.aggregator
     for (k, a), (_, b) in zip(model.aggregator.state_dict().items(), clf.aggregator.state_dict().items()):
         torch.testing.assert_close(a, b, msg=f"{name}: {k} differs")
-    feats, mask, _, _ = make_bags(2, seed=15)
-    assert clf(feats, mask).shape == (2, 3)
+    assert clf.gene_encoder is not model.gene_encoder  # image + genes, like GiMP's fine-tuning
+    assert clf.head.net[0].in_features == model.aggregator.embed_dim + model.gene_encoder.embed_dim
+    feats, mask, genes, _ = make_pairs(2, seed=15)
+    assert clf(feats, mask, genes=genes).shape == (2, 3)
     # the engine can also load these checkpoints the GiMP way
     again = GiMPClassifier.from_pretrained(model.state_dict(), num_classes=2, num_landmarks=4)
     torch.testing.assert_close(again.aggregator.proj.weight, model.aggregator.proj.weight)
@@ -460,7 +462,7 @@ def test_pretrainers_run_on_cuda(name):
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["loss"].device.type == "cuda"
     clf = model.build_classifier()
-    assert clf(feats.to(dev), mask.to(dev)).device.type == "cuda"
+    assert clf(feats.to(dev), mask.to(dev), genes=genes.to(dev)).device.type == "cuda"
 
 
 def test_every_system_runs_under_bf16_autocast():

@@ -178,10 +178,12 @@ def _train_accuracy(ckpt, cohort, ids, kind):
         if kind == "genes":
             genes = torch.from_numpy(load_gene_transform(ckpt).transform(cohort.genes.loc[ids]))
             pred = model.classify(genes).argmax(1).numpy()
-        else:
-            data = BagDataset(cohort, ids)
+        else:  # a GiMPClassifier: image + genes when it has a gene encoder
+            gt = load_gene_transform(ckpt) if model.uses_genes else None
+            data = BagDataset(cohort, ids, gene_matrix=None if gt is None else gt.transform(cohort.genes.loc[ids]))
             items = (data[i] for i in range(len(data)))
-            pred = np.array([model(d["feats"][None], d["mask"][None]).argmax(1).item() for d in items])
+            pred = np.array([model(d["feats"][None], d["mask"][None], genes=d["genes"][None] if gt else None)
+                             .argmax(1).item() for d in items])
     return float((pred == y).mean())
 
 
@@ -245,12 +247,63 @@ def test_overfit_gimp_pretrain_then_finetune(smoke, tmp_path):
                   head_kwargs=dict(hidden=32, dropout=0.0), num_epochs=14, lr=1e-3, **FAST)
     assert _train_accuracy(tmp_path / "ft" / "checkpoint.pt", cohort, split["train"], "bag") == 1.0
     assert ft.config["pretrained"]["ckpt"] == str(pre.checkpoint)
+    assert ft.config["gene_encoder"]["encoder"] == "groupmsa" and ft.config["freeze_gene_encoder"] is True
+
+    # the fine-tuned model is the paper's image-omic classifier on CLS_pat = concat(CLS_img, CLS_ge)
+    clf = load_model(ft.checkpoint)
+    assert clf.uses_genes and clf.head.net[0].in_features == TINY_AGG["embed_dim"] + 32
+    for k, v in encoder.state_dict().items():  # frozen by default: the gene encoder is the pre-trained one
+        assert torch.equal(v, clf.gene_encoder.state_dict()[k]), k
 
     ids = split["test"]
     z = embed(ft.checkpoint, cohort, ids, device="cpu", progress=False)
-    assert z.shape == (len(ids), TINY_AGG["embed_dim"]) and np.isfinite(z).all()
+    assert z.shape == (len(ids), TINY_AGG["embed_dim"] + 32) and np.isfinite(z).all()
+    zp = embed(pre.checkpoint, cohort, ids, device="cpu", progress=False)  # CLS_pat after pre-training (Fig. 2)
+    assert zp.shape == (len(ids), TINY_AGG["embed_dim"] + 32)
+    np.testing.assert_allclose(np.linalg.norm(zp, axis=1), np.sqrt(2), rtol=1e-5)  # two L2-normalised halves
     zg = embed(genes.checkpoint, cohort, ids, device="cpu", progress=False)
     assert zg.shape == (len(ids), 32)
+
+
+def test_finetuned_gimp_reads_each_patients_expression(smoke, tmp_path):
+    """Done-when of the fidelity issue: the head's input is d_img + d_ge, a case's expression changes
+    its logits, and a case without expression is refused by name."""
+    import dataclasses
+
+    from gimplib.data.datasets import BagDataset
+    from gimplib.train import finetune, load_gene_transform, load_model, pretrain_gimp, train_gene_encoder
+    from gimplib.utils import DataError
+
+    cohort, split = smoke
+    genes = train_gene_encoder(cohort, split, out_dir=tmp_path / "genes", num_epochs=1, **TINY_GENES, **FAST)
+    pre = pretrain_gimp(cohort, split, out_dir=tmp_path / "pre", gene_encoder_ckpt=genes.checkpoint,
+                        model_kwargs=dict(TINY_AGG, decoder_hidden=16), window_len=32, num_epochs=1, batch_size=6,
+                        **FAST)
+    ft = finetune(cohort, split, out_dir=tmp_path / "ft", pretrained_ckpt=pre.checkpoint, num_epochs=1, **FAST)
+    clf = load_model(ft.checkpoint)
+    assert clf.head.net[0].in_features == clf.aggregator.embed_dim + clf.gene_encoder.embed_dim == 64 + 32
+
+    case = split["test"][0]
+    gt = load_gene_transform(ft.checkpoint)
+    item = BagDataset(cohort, [case], gene_matrix=gt.transform(cohort.genes.loc[[case]]))[0]
+    with torch.no_grad():
+        logits = clf(item["feats"][None], item["mask"][None], genes=item["genes"][None])
+        other = clf(item["feats"][None], item["mask"][None], genes=item["genes"][None] + 2.0)
+        assert not torch.allclose(logits, other)  # the expression reaches the prediction
+        with pytest.raises(ValueError, match="needs the patients' expression"):
+            clf(item["feats"][None], item["mask"][None])
+
+    # a case of the split without expression is named before anything trains
+    no_genes = dataclasses.replace(cohort, genes=cohort.genes.drop(index=case))
+    with pytest.raises(DataError, match=case):
+        finetune(no_genes, split, out_dir=tmp_path / "ft2", pretrained_ckpt=pre.checkpoint, num_epochs=1, **FAST)
+    assert not (tmp_path / "ft2" / "best.pt").exists()
+
+    # fine-tuning the gene encoder too is an option; the frozen default leaves it as pre-trained
+    ft3 = finetune(cohort, split, out_dir=tmp_path / "ft3", pretrained_ckpt=pre.checkpoint, num_epochs=1,
+                   freeze_gene_encoder=False, lr=1e-2, **FAST)
+    tuned, frozen = load_model(ft3.checkpoint).gene_encoder, clf.gene_encoder
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), frozen.state_dict().values()))
 
 
 @pytest.fixture(scope="module")
@@ -317,9 +370,11 @@ def test_pretraining_baseline_then_finetune(smoke, tmp_path):
     assert {"train_loss", "val_loss"} <= set(pre.history.columns) and math.isfinite(pre.metrics["train_loss"])
     assert type(load_model(pre.checkpoint)).__name__ == "BioViLStyle"
     z = embed(pre.checkpoint, cohort, split["test"], device="cpu", progress=False)
-    assert z.shape == (len(split["test"]), 32)
+    assert z.shape == (len(split["test"]), 32 + 32)  # CLS_pat after pre-training
     ft = finetune(cohort, split, out_dir=tmp_path / "ft", pretrained_ckpt=pre.checkpoint, num_epochs=1, **FAST)
     assert ft.config["aggregator_kwargs"]["embed_dim"] == 32 and 0 <= ft.metrics["test_accuracy"] <= 1
+    # like GiMP, the pre-training baselines are fine-tuned on image + genes (Table 1's pre-training block)
+    assert ft.config["gene_encoder"]["encoder"] == "groupmsa" and load_model(ft.checkpoint).uses_genes
 
 
 def test_cli_gene_run(smoke, tmp_path, capsys):

@@ -172,8 +172,41 @@ def _mean_sd(metrics: dict[str, Any], key: str) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if isinstance(sd, (int, float)) else f"{mean:.3f}"
 
 
-def _headline_tables(found: dict[str, dict[str, Any]]) -> list[str]:
-    """Test-set classification figures of the stages, and mean ± sd rows of a comparison."""
+def _markdown_table(frame: Any) -> str:
+    """A pandas frame as a Markdown pipe table (cells as text, pipes escaped)."""
+    def cell(value: Any) -> str:
+        text = "" if value is None or (isinstance(value, float) and value != value) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join(":--" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+#: The comparison stage's tables, as its notebook writes them (rows named as the paper names them).
+_COMPARISON_FILES = (
+    ("table1.csv", "Table 1 of the paper, regenerated (mean ± sd over seeds; the paper's TCGA accuracy beside):"),
+    ("table2.csv", "Table 2 of the paper (ablation), regenerated:"),
+    ("claims.csv", "The paper's five testable claims, with this build's verdict and the numbers behind it:"),
+)
+
+
+def _comparison_tables(stage_dir: Path) -> list[str]:
+    import pandas as pd
+
+    blocks = []
+    for name, caption in _COMPARISON_FILES:
+        path = stage_dir / name
+        if path.is_file():
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            blocks.append(f"{caption}\n\n{_markdown_table(frame)}")
+    return blocks
+
+
+def _headline_tables(found: dict[str, dict[str, Any]], stage_dirs: dict[str, Path] | None = None) -> list[str]:
+    """Test-set classification figures of the stages, and the comparison's tables (its CSV
+    files, rows named as in the paper; else mean ± sd per recipe from its metrics)."""
     blocks = []
     rows = [
         f"| {stem} | {_with_ci(m, 'test_accuracy')} | {_with_ci(m, 'test_balanced_accuracy')} | "
@@ -186,6 +219,10 @@ def _headline_tables(found: dict[str, dict[str, Any]]) -> list[str]:
             "| stage | accuracy | balanced accuracy | AUC | F1 |\n|:--|--:|--:|--:|--:|\n" + "\n".join(rows) + "\n"
         )
     for stem, m in found.items():
+        tables = _comparison_tables(stage_dirs[stem]) if stage_dirs and stem in stage_dirs else []
+        if tables:
+            blocks.extend(tables)
+            continue
         systems = [k[: -len("_accuracy_mean")] for k in m if k.endswith("_accuracy_mean")]
         if systems:
             lines = [f"| `{name}` | {_mean_sd(m, name + '_accuracy')} | {_mean_sd(m, name + '_auc')} |" for name in systems]
@@ -203,9 +240,11 @@ def _results_markdown(workdir: Path, stems: Sequence[str], runs: dict[str, Any] 
     machine are left out.
     """
     found: dict[str, dict[str, Any]] = {}
+    stage_dirs: dict[str, Path] = {}
     blocks = []
     for stem in stems:
         path = Path((runs or {}).get(stem, {}).get("workdir", workdir)) / stem / "metrics.json"
+        stage_dirs[stem] = path.parent
         if not path.is_file():
             blocks.append(f"**{stem}**: no `metrics.json` in this build.\n")
             continue
@@ -225,7 +264,7 @@ def _results_markdown(workdir: Path, stems: Sequence[str], runs: dict[str, Any] 
             f":::{{admonition}} All figures of {stem} (`{stem}/metrics.json`)\n:class: dropdown\n\n"
             f"| metric | value |\n|:--|--:|\n{rows}\n:::\n"
         )
-    return "\n".join(_headline_tables(found) + blocks)
+    return "\n".join(_headline_tables(found, stage_dirs) + blocks)
 
 
 def write_pages(site: Path, runs: dict[str, Any], workdir: Path, stems: Sequence[str], build_info: dict) -> None:

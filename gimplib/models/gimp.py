@@ -1,4 +1,4 @@
-"""GiMP: gene-induced multimodal pretraining (paper Sect. 2.3-2.4) and its fine-tuning model.
+"""GiMP: gene-induced multimodal pretraining (paper Sect. 2.3) and its fine-tuning model.
 
 Pretraining (:class:`GiMP`), per mini-batch of windows of patch features:
 
@@ -39,13 +39,15 @@ Choices the paper leaves open (constructor arguments):
   (see :func:`gimplib.losses.triplet_loss`).
 * Number of masked positions: ``floor(mask_ratio * n_valid)`` per sample.
 
-Fine-tuning (:class:`GiMPClassifier`): an MLP head on ``CLS_pat`` of a (pretrained)
-aggregator; :meth:`GiMPClassifier.from_pretrained` takes the aggregator weights out of a
-GiMP module, state dict or checkpoint file.
+Fine-tuning (:class:`GiMPClassifier`): an MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)``
+of the (pretrained) aggregator and the gene encoder, i.e. image-omic classification as in
+the paper; :meth:`GiMPClassifier.from_pretrained` takes the weights out of a GiMP module,
+state dict or checkpoint file.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -224,6 +226,26 @@ class GiMP(nn.Module):
             )
         return {"loss": loss_tri + loss_rec, "loss_tri": loss_tri, "loss_rec": loss_rec}
 
+    @torch.no_grad()
+    def embed_pair(self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None) -> Tensor:
+        """The embedding the triplet loss sees, from an unmasked pass: ``CLS_pat`` after pre-training.
+
+        ``concat(n(CLS_img), n(CLS_ge))`` (b, d_img + d_ge) with ``n`` the ``normalize``
+        setting (L2 by default, ours); ``n(CLS_img)`` alone without a gene encoder. This is
+        what the paper's Fig. 2 draws (t-SNE of ``CLS_pat`` after pre-training).
+
+        Args:
+            feats: (b, n, in_dim) patch features.
+            mask: (b, n) bool, True for valid patches.
+            genes: (b, G) model-ready expression (needed when a gene encoder is set).
+        """
+        emb = self._normalize(self.aggregator(feats, mask).cls)
+        if exists(self.gene_encoder):
+            if genes is None:
+                raise ValueError("this GiMP has a gene encoder: CLS_pat needs genes (b, G)")
+            emb = torch.cat([emb, self._normalize(self.gene_encoder(genes)).to(emb.dtype)], dim=-1)
+        return emb
+
     def pretrain_step(
         self,
         feats: Tensor,
@@ -282,56 +304,143 @@ def aggregator_state_dict(source: nn.Module | dict | str | os.PathLike) -> dict[
 
 
 class GiMPClassifier(nn.Module):
-    """Fine-tuning model: an MLP head on ``CLS_pat`` of a (pretrained) aggregator.
+    """Multimodal fine-tuning model (paper Sect. 2.3, "Multimodal Fine-Tuning").
+
+    An MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)`` (width ``d_img + d_ge``): the slide
+    (a bag or a window of patch features) goes through the aggregator, the patient's
+    expression through the gene encoder. This is the paper's image-omic classifier: both
+    modalities are inputs at fine-tuning and at test time. Without a gene encoder (the
+    paper's image-only rows: Table 1 "GiMP w/o GroupMSA", Table 2 "aggregator + MPM" and
+    "aggregator + triplet") the head sees ``CLS_img`` alone.
+
+    The head sees the raw concatenation, as the paper writes it; the L2 normalisation of each
+    token before the triplet loss is a pre-training choice of ours and is not applied here.
 
     Args:
         aggregator: the patch aggregator (e.g. from :meth:`from_pretrained`).
+        gene_encoder: the gene encoder (GroupMSA / SNN) whose ``CLS_ge`` joins ``CLS_img``,
+            or None for an image-only classifier.
         num_classes: output classes.
         hidden: MLP hidden width (0 for a linear head).
         dropout: MLP dropout.
+        freeze_gene_encoder: keep the gene encoder fixed (eval mode, no gradients), as during
+            GiMP pre-training; False fine-tunes it with the rest (our option; the paper does
+            not say).
     """
 
-    def __init__(self, *, aggregator: PatchAggregator, num_classes: int = 2, hidden: int = 256, dropout: float = 0.25) -> None:
+    def __init__(
+        self,
+        *,
+        aggregator: PatchAggregator,
+        gene_encoder: nn.Module | None = None,
+        num_classes: int = 2,
+        hidden: int = 256,
+        dropout: float = 0.25,
+        freeze_gene_encoder: bool = True,
+    ) -> None:
         super().__init__()
         self.aggregator = aggregator
-        self.head = MLPHead(in_dim=aggregator.embed_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
+        self.gene_encoder = gene_encoder
+        self.freeze_gene_encoder = bool(freeze_gene_encoder) and exists(gene_encoder)
+        gene_dim = gene_encoder.embed_dim if exists(gene_encoder) else 0
+        self.head = MLPHead(in_dim=aggregator.embed_dim + gene_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
+        if self.freeze_gene_encoder:
+            gene_encoder.requires_grad_(False)
+            gene_encoder.eval()
+        elif exists(gene_encoder):  # e.g. taken out of a GiMP, where it was frozen
+            gene_encoder.requires_grad_(True)
 
-    def forward(self, feats: Tensor, mask: Tensor | None = None, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Classify bags.
+    @property
+    def uses_genes(self) -> bool:
+        """True when the classifier reads the patient's expression (it has a gene encoder)."""
+        return exists(self.gene_encoder)
+
+    def train(self, mode: bool = True) -> "GiMPClassifier":
+        """Set train/eval mode; a frozen gene encoder always stays in eval mode."""
+        super().train(mode)
+        if self.freeze_gene_encoder:
+            self.gene_encoder.eval()
+        return self
+
+    def encode_genes(self, genes: Tensor) -> Tensor:
+        """``CLS_ge`` (b, d_ge) of expression vectors (b, G); no autograd when frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_gene_encoder):
+            return self.gene_encoder(genes)
+
+    def cls_pat(
+        self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None, return_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``CLS_pat`` = concat(CLS_img, CLS_ge) (b, d_img + d_ge), or ``CLS_img`` without genes.
 
         Args:
             feats: (b, n, in_dim) patch features (a whole bag or a window).
             mask: (b, n) bool, True for valid patches.
+            genes: (b, G) model-ready expression (required when the model has a gene encoder).
+            return_attn: also compute the (b, n) CLS attention over patches.
+
+        Returns:
+            The embedding and the attention (None unless requested).
+        """
+        if self.uses_genes:
+            if genes is None:
+                raise ValueError(
+                    "this GiMPClassifier has a gene encoder: it classifies concat(CLS_img, CLS_ge), "
+                    "so it needs the patients' expression (genes (b, G)); got None"
+                )
+            if genes.ndim != 2 or genes.shape[0] != feats.shape[0]:
+                raise ValueError(f"genes must be (b, G) with b = {feats.shape[0]}, got shape {tuple(genes.shape)}")
+        out = self.aggregator(feats, mask, return_attn=return_attn)
+        emb = out.cls
+        if self.uses_genes:
+            emb = torch.cat([emb, self.encode_genes(genes).to(emb.dtype)], dim=-1)
+        return emb, out.attn
+
+    def forward(
+        self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None, return_attn: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Classify patients from their slide and (when the model has a gene encoder) expression.
+
+        Args:
+            feats: (b, n, in_dim) patch features (a whole bag or a window).
+            mask: (b, n) bool, True for valid patches.
+            genes: (b, G) model-ready expression of the same patients.
             return_attn: also return the (b, n) CLS attention over patches.
 
         Returns:
             (b, num_classes) logits, and the attention when requested.
         """
-        out = self.aggregator(feats, mask, return_attn=return_attn)
-        logits = self.head(out.cls)
-        return (logits, out.attn) if return_attn else logits
+        emb, attn = self.cls_pat(feats, mask, genes, return_attn=return_attn)
+        logits = self.head(emb)
+        return (logits, attn) if return_attn else logits
 
     @classmethod
     def from_pretrained(
         cls,
         source: nn.Module | dict | str | os.PathLike,
         *,
+        gene_encoder: nn.Module | None = None,
         num_classes: int = 2,
         hidden: int = 256,
         dropout: float = 0.25,
+        freeze_gene_encoder: bool = True,
         **aggregator_kwargs: Any,
     ) -> "GiMPClassifier":
-        """Build a classifier whose aggregator starts from GiMP-pretrained weights.
+        """Build a classifier whose aggregator (and gene encoder) start from pre-training.
 
         ``in_dim``, ``embed_dim``, ``depth`` and ``num_heads`` are read from the weights;
         other aggregator settings (``num_landmarks``, ``pinv_iterations``, ``dropout``, ...)
         come from ``aggregator_kwargs`` and must match pretraining for ``num_landmarks``.
+        When ``source`` is a :class:`GiMP` module its gene encoder is taken (a copy) unless
+        ``gene_encoder`` is given; from a state dict or file, pass the gene encoder built
+        from the same checkpoint (:func:`gimplib.train.load_model` does this for you).
 
         Args:
             source: a :class:`GiMP`, its state dict, a checkpoint dict or a checkpoint path.
+            gene_encoder: the gene encoder for ``CLS_ge`` (None: the module's own, if any).
             num_classes: output classes.
             hidden: MLP hidden width.
             dropout: MLP dropout.
+            freeze_gene_encoder: keep the gene encoder fixed during fine-tuning.
             **aggregator_kwargs: extra :class:`PatchAggregator` arguments.
         """
         state = aggregator_state_dict(source)
@@ -341,4 +450,7 @@ class GiMPClassifier(nn.Module):
         config = dict(in_dim=in_dim, embed_dim=embed_dim, depth=depth, num_heads=num_heads) | aggregator_kwargs
         aggregator = PatchAggregator(**config)
         aggregator.load_state_dict(state)
-        return cls(aggregator=aggregator, num_classes=num_classes, hidden=hidden, dropout=dropout)
+        if gene_encoder is None and isinstance(source, nn.Module) and exists(getattr(source, "gene_encoder", None)):
+            gene_encoder = copy.deepcopy(source.gene_encoder)
+        return cls(aggregator=aggregator, gene_encoder=gene_encoder, num_classes=num_classes, hidden=hidden,
+                   dropout=dropout, freeze_gene_encoder=freeze_gene_encoder)

@@ -91,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             require = ("slides", "genes")
         if args.task == "baseline" and kwargs.get("use_genes"):
             require = ("slides", "genes")
+        if args.task == "finetune" and args.pretrained_ckpt:
+            from gimplib.train.inference import gene_encoder_spec
+
+            if gene_encoder_spec(checkpoint.load_checkpoint(args.pretrained_ckpt)) is not None:
+                require = ("slides", "genes")  # the classifier reads concat(CLS_img, CLS_ge)
         cohort = load_cohort(data_dir, require=require)
         if args.clam_split:
             split = read_clam_split(args.clam_split, cohort)

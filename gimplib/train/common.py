@@ -155,8 +155,22 @@ def fit_gene_transform(cohort: Any, train_ids: Sequence[str], *, transform: str,
 
 
 def gene_matrix(cohort: Any, transform: Any, case_ids: Sequence[str]) -> np.ndarray:
-    """(len(case_ids), G) float32 transformed expression of ``case_ids``."""
-    return transform.transform(cohort.genes.loc[list(case_ids)])
+    """(len(case_ids), G) float32 transformed expression of ``case_ids``.
+
+    Raises:
+        DataError: the cohort has no gene table, or some cases have no expression in it
+            (the cases are named): a model that reads genes cannot classify them.
+    """
+    ids = list(case_ids)
+    if not cohort.has_genes:
+        raise DataError(f"cohort {cohort.data_dir} has no gene table, but this model reads each patient's "
+                        f"expression (cases {ids[:5]}{' ...' if len(ids) > 5 else ''})")
+    missing = [c for c in ids if c not in cohort.genes.index]
+    if missing:
+        raise DataError(f"{len(missing)} case(s) have no expression in the gene table of {cohort.data_dir}: "
+                        f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; this model classifies slide + genes "
+                        "together, so every case needs both (drop them from the split, or use an image-only model)")
+    return transform.transform(cohort.genes.loc[ids])
 
 
 # --------------------------------------------------------------------------- evaluation

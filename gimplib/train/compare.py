@@ -12,14 +12,21 @@ paper's numbers. No figure in a table is typed in: each comes from a file a run 
 Recipes:
     * ``baseline``: a registered system (:data:`gimplib.models.baselines.BASELINES`) trained
       end to end with cross-entropy plus its own auxiliary loss (:func:`train_baseline`).
+    * ``aggregator``: GiMP's patch aggregator with the MLP head, trained supervised on slides
+      alone, no pre-training (:func:`finetune` without a checkpoint): Table 1's "GiMP w/o
+      GroupMSA", which the paper places in the pathology block without pre-training.
     * ``fusion``: GiMP's aggregator and a gene encoder trained together with labels on the
       concatenated class tokens, no pre-training (``gimp_fusion``): Table 1's "GiMP w/o
       pre-training" and Table 2's first two rows.
     * ``gimp``: a supervised gene encoder (when the row uses genes), pre-training with MPM
-      and/or the gene-induced triplet (:func:`pretrain_gimp`), then fine-tuning.
+      and/or the triplet loss (:func:`pretrain_gimp`; without a gene encoder the triplets
+      are built from ``CLS_img`` alone), then fine-tuning on ``CLS_pat`` (image + genes) when
+      the row has a gene encoder, on ``CLS_img`` when it has none (Table 2 "aggregator +
+      MPM", "aggregator + triplet").
     * ``pretrain_baseline``: an image-gene pre-training baseline (BioViL-, MGCA-,
       REFERS-style) on the same windows, from the supervised GroupMSA of the same seed, then
-      the same fine-tuning as GiMP.
+      the same image + genes fine-tuning as GiMP (Table 1 puts them in the pathology +
+      genomic block with pre-training).
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ from gimplib.utils import load_json
 __all__ = [
     "PAPER_TCGA",
     "RECIPES",
+    "recipe_facts",
     "ROWS",
     "Job",
     "Row",
     "SweepConfig",
+    "paper_claims",
     "read_runs",
     "render_table",
     "run_recipe",
@@ -56,58 +65,100 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the paper's Table 1 or 2 and the recipe that regenerates it."""
+    """One line of the paper's Table 1 or 2, the recipe that regenerates it and the paper's figure.
+
+    Attributes:
+        table: ``"table1"`` or ``"table2"``.
+        group: the block of the table (Table 1: modality and pre-training; Table 2: "ablation").
+        label: the row's name as the paper gives it.
+        recipe: key of :data:`RECIPES`.
+        paper_accuracy: the paper's TCGA-NSCLC test accuracy for the row (Tables 1 and 2; the
+            paper reports accuracy only).
+        ours: True for a row of ours that the paper does not have (none at present).
+    """
 
     table: str
     group: str
     label: str
     recipe: str
+    paper_accuracy: float | None = None
+    ours: bool = False
 
+
+_PATH, _FUSE, _PRE = "pathology, no pre-training", "pathology + genomic, no pre-training", \
+    "pathology + genomic, pre-training"
 
 ROWS: tuple[Row, ...] = (
-    Row("table1", "pathology only", "ABMIL", "abmil"),
-    Row("table1", "pathology only", "DSMIL", "dsmil"),
-    Row("table1", "pathology only", "CLAM-SB", "clam_sb"),
-    Row("table1", "pathology only", "CLAM-MB", "clam_mb"),
-    Row("table1", "pathology only", "TransMIL", "transmil"),
-    Row("table1", "pathology only", "GiMP w/o GroupMSA", "pre_mpm_tri"),
-    Row("table1", "pathology + genomics", "PORPOISE", "porpoise"),
-    Row("table1", "pathology + genomics", "Pathomic Fusion", "pathomic"),
-    Row("table1", "pathology + genomics", "MCAT", "mcat"),
-    Row("table1", "pathology + genomics", "GiMP w/o pre-training", "fusion_groupmsa"),
-    Row("table1", "pre-training", "BioViL-style", "biovil"),
-    Row("table1", "pre-training", "MGCA-style", "mgca"),
-    Row("table1", "pre-training", "REFERS-style", "refers"),
-    Row("table1", "pre-training", "GiMP", "gimp"),
-    Row("table2", "ablation", "aggregator + SNN", "fusion_snn"),
-    Row("table2", "ablation", "aggregator + GroupMSA", "fusion_groupmsa"),
-    Row("table2", "ablation", "aggregator + MPM", "pre_mpm"),
-    Row("table2", "ablation", "aggregator + SNN + triplet", "pre_snn_tri"),
-    Row("table2", "ablation", "aggregator + GroupMSA + triplet", "pre_groupmsa_tri"),
-    Row("table2", "ablation", "all (GroupMSA + MPM + triplet)", "gimp"),
+    Row("table1", _PATH, "ABMIL", "abmil", 0.7737),
+    Row("table1", _PATH, "DSMIL", "dsmil", 0.7566),
+    Row("table1", _PATH, "CLAM-SB", "clam_sb", 0.8519),
+    Row("table1", _PATH, "CLAM-MB", "clam_mb", 0.8889),
+    Row("table1", _PATH, "TransMIL", "transmil", 0.8836),
+    Row("table1", _PATH, "GiMP w/o GroupMSA", "aggregator", 0.8995),
+    Row("table1", _FUSE, "PORPOISE", "porpoise", 0.9524),
+    Row("table1", _FUSE, "Pathomic Fusion", "pathomic", 0.9684),
+    Row("table1", _FUSE, "MCAT", "mcat", 0.9632),
+    Row("table1", _FUSE, "GiMP w/o pre-training", "fusion_groupmsa", 0.9737),
+    Row("table1", _PRE, "MGCA", "mgca", 0.9105),
+    Row("table1", _PRE, "BioViL", "biovil", 0.9316),
+    Row("table1", _PRE, "REFERS", "refers", 0.9368),
+    Row("table1", _PRE, "GiMP", "gimp", 0.9947),
+    Row("table2", "ablation", "aggregator + SNN", "fusion_snn", 0.9684),
+    Row("table2", "ablation", "aggregator + GroupMSA", "fusion_groupmsa", 0.9737),
+    Row("table2", "ablation", "aggregator + MPM", "pre_mpm", 0.9579),
+    Row("table2", "ablation", "aggregator + triplet", "pre_tri", 0.9263),
+    Row("table2", "ablation", "aggregator + GroupMSA + triplet", "pre_groupmsa_tri", 0.9526),
+    Row("table2", "ablation", "aggregator + GroupMSA + triplet + MPM (GiMP)", "gimp", 0.9974),
 )
 
 #: recipe -> (kind, options); see the module docstring for the kinds.
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     **{name: ("baseline", {"name": name})
        for name in ("abmil", "dsmil", "clam_sb", "clam_mb", "transmil", "porpoise", "pathomic", "mcat")},
+    "aggregator": ("aggregator", {}),
     "fusion_snn": ("fusion", {"gene": "snn"}),
     "fusion_groupmsa": ("fusion", {"gene": "groupmsa"}),
     **{name: ("pretrain_baseline", {"name": name, "gene": "groupmsa"}) for name in ("biovil", "mgca", "refers")},
     "pre_mpm": ("gimp", {"gene": None, "mpm": True, "triplet": False}),
-    "pre_mpm_tri": ("gimp", {"gene": None, "mpm": True, "triplet": True}),
-    "pre_snn_tri": ("gimp", {"gene": "snn", "mpm": False, "triplet": True}),
+    "pre_tri": ("gimp", {"gene": None, "mpm": False, "triplet": True}),
     "pre_groupmsa_tri": ("gimp", {"gene": "groupmsa", "mpm": False, "triplet": True}),
     "gimp": ("gimp", {"gene": "groupmsa", "mpm": True, "triplet": True}),
 }
 
-#: The paper's TCGA-NSCLC results that we could check against the paper; nothing else is
-#: filled in. Table 2's last row is the same model as Table 1's GiMP (the paper reports
-#: 0.9947 and 0.9974 for it).
+#: The paper's TCGA-NSCLC accuracies by (table, row label), from :data:`ROWS`. Table 2's last
+#: row is the same model as Table 1's GiMP: the paper gives 0.9947 and 0.9974 for it (its
+#: own text speaks of 99.47 %, and 0.9974 x 190 test patients is not a whole number).
 PAPER_TCGA: dict[tuple[str, str], dict[str, float]] = {
-    ("table1", "GiMP"): {"accuracy": 0.9947},
-    ("table2", "all (GroupMSA + MPM + triplet)"): {"accuracy": 0.9974},
+    (r.table, r.label): {"accuracy": r.paper_accuracy} for r in ROWS if r.paper_accuracy is not None
 }
+
+
+def recipe_facts(recipe: str) -> dict[str, Any]:
+    """What a recipe trains, in the terms of the paper's tables (read off :data:`RECIPES`).
+
+    Returns:
+        ``gene_encoder`` (None, ``"snn"``, ``"groupmsa"`` or a published system's own),
+        ``pretraining`` (None, ``"gimp"`` or the pre-training system), ``mpm`` (bool),
+        ``triplet`` (None, ``"image"``: triplets on ``CLS_img``, or ``"image+genes"``: on
+        ``concat(CLS_img, CLS_ge)``) and ``finetune_inputs`` (``"image"`` or ``"image+genes"``).
+    """
+    from gimplib.models.baselines import BASELINE_KINDS
+
+    kind, opt = RECIPES[recipe]
+    if kind == "baseline":
+        genes = BASELINE_KINDS[opt["name"]] == "fusion"
+        return dict(gene_encoder=opt["name"] if genes else None, pretraining=None, mpm=False, triplet=None,
+                    finetune_inputs="image+genes" if genes else "image")
+    if kind == "aggregator":
+        return dict(gene_encoder=None, pretraining=None, mpm=False, triplet=None, finetune_inputs="image")
+    if kind == "fusion":
+        return dict(gene_encoder=opt["gene"], pretraining=None, mpm=False, triplet=None, finetune_inputs="image+genes")
+    if kind == "pretrain_baseline":
+        return dict(gene_encoder=opt["gene"], pretraining=opt["name"], mpm=False, triplet=None,
+                    finetune_inputs="image+genes")
+    triplet = None if not opt["triplet"] else ("image+genes" if opt["gene"] else "image")
+    return dict(gene_encoder=opt["gene"], pretraining="gimp", mpm=opt["mpm"], triplet=triplet,
+                finetune_inputs="image+genes" if opt["gene"] else "image")
 
 
 @dataclass(frozen=True)
@@ -123,7 +174,10 @@ class SweepConfig:
             Pathomic Fusion keep their own small defaults).
         decoder_hidden: hidden width of the MPM decoder.
         gene_embed_dim, fragment_size, num_groups: the gene encoders (GroupMSA; SNN uses
-            ``gene_embed_dim``).
+            ``gene_embed_dim``). ``gene_embed_dim=None`` (default) gives them the aggregator's
+            ``embed_dim``: the paper's two encoders share one width d, so ``CLS_pat`` is 2d.
+        finetune_gene_encoder: fine-tune the pre-trained gene encoder together with the rest
+            (False, the default, keeps it frozen as during pre-training).
         gene_epochs, pretrain_epochs, finetune_epochs: schedule lengths (fine-tuning is also
             the supervised training of the baselines).
         lr, weight_decay: AdamW (cosine schedule) for every stage.
@@ -145,12 +199,13 @@ class SweepConfig:
     num_heads: int = 8
     num_landmarks: int = 256
     decoder_hidden: int = 512
-    gene_embed_dim: int = 256
+    gene_embed_dim: int | None = None
     fragment_size: int = 256
     num_groups: int = 16
     gene_epochs: int = 50
     pretrain_epochs: int = 100
     finetune_epochs: int = 70
+    finetune_gene_encoder: bool = False
     lr: float = 1e-4
     baseline_lr: float | None = None
     weight_decay: float = 1e-2
@@ -165,9 +220,10 @@ class SweepConfig:
                     num_landmarks=self.num_landmarks)
 
     def gene_kwargs(self, gene: str) -> dict[str, Any]:
+        width = self.embed_dim if self.gene_embed_dim is None else self.gene_embed_dim
         if gene == "groupmsa":
-            return dict(fragment_size=self.fragment_size, num_groups=self.num_groups, embed_dim=self.gene_embed_dim)
-        return dict(embed_dim=self.gene_embed_dim)
+            return dict(fragment_size=self.fragment_size, num_groups=self.num_groups, embed_dim=width)
+        return dict(embed_dim=width)
 
     def baseline_kwargs(self, name: str) -> dict[str, Any]:
         """Each system's own width arguments, scaled with ``embed_dim``."""
@@ -250,6 +306,9 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
         model_kwargs = dict(cfg.aggregator(), gene_encoder=opt["gene"], gene_kwargs=cfg.gene_kwargs(opt["gene"]))
         train_baseline("gimp_fusion", cohort, split, model_kwargs=model_kwargs, **fit)
         return out
+    if kind == "aggregator":  # supervised on slides alone, no pre-training
+        finetune(cohort, split, aggregator_kwargs=cfg.aggregator(), **fit)
+        return out
     if opt["gene"] is None:
         gene_ckpt = None
     elif gene_ckpt is None:
@@ -262,7 +321,7 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
         model_kwargs = dict(cfg.aggregator(), use_mpm=opt["mpm"], use_triplet=opt["triplet"],
                             decoder_hidden=cfg.decoder_hidden)
         pretrained = pretrain_gimp(cohort, split, model_kwargs=model_kwargs, **pre).checkpoint
-    finetune(cohort, split, pretrained_ckpt=pretrained, **fit)
+    finetune(cohort, split, pretrained_ckpt=pretrained, freeze_gene_encoder=not cfg.finetune_gene_encoder, **fit)
     return out
 
 
@@ -418,7 +477,7 @@ def _cell(values: Sequence[float]) -> str:
 def render_table(runs: pd.DataFrame, table: str, *, ours: str = "ours",
                  missing: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Table 1 or 2: mean +- sd (sample sd over seeds and folds) of test accuracy and AUC per
-    row, beside the paper's verified numbers (:data:`PAPER_TCGA`; blank where unverified).
+    row, beside the paper's accuracy for the row (the paper reports no AUC).
 
     Args:
         runs: :func:`read_runs` output.
@@ -431,12 +490,106 @@ def render_table(runs: pd.DataFrame, table: str, *, ours: str = "ours",
     out = []
     for row in (r for r in ROWS if r.table == table):
         r = runs[runs["recipe"] == row.recipe]
-        paper = PAPER_TCGA.get((table, row.label), {})
+        facts = recipe_facts(row.recipe)
         out.append({
-            "group": row.group, "system": row.label, "runs": len(r),
+            "group": row.group, "system": row.label + (" (ours)" if row.ours else ""), "runs": len(r),
+            "inputs": facts["finetune_inputs"],
             f"accuracy ({ours})": _cell(r["accuracy"].tolist()) if len(r) else (missing or {}).get(row.recipe, "not run"),
             f"AUC ({ours})": _cell(r["auc"].tolist()) if len(r) else "",
-            "accuracy (paper, TCGA)": paper.get("accuracy", ""),
-            "AUC (paper, TCGA)": paper.get("auc", ""),
+            "accuracy (paper, TCGA)": "" if row.paper_accuracy is None else f"{row.paper_accuracy:.4f}",
         })
     return pd.DataFrame(out).set_index(["group", "system"])
+
+
+# --------------------------------------------------------------------------- the paper's claims
+
+_IMAGE_MIL = ("abmil", "dsmil", "clam_sb", "clam_mb", "transmil")
+_FUSION = ("porpoise", "pathomic", "mcat", "fusion_groupmsa")
+_IMAGE_GENE_PRETRAINING = ("mgca", "biovil", "refers")
+
+
+def _row_stats(runs: pd.DataFrame, recipes: Sequence[str], pick: str) -> tuple[str, float, float, int] | None:
+    """(recipe, mean, sd, n) of the best (``pick="max"``) or worst (``"min"``) of ``recipes`` by mean accuracy."""
+    stats = []
+    for recipe in recipes:
+        acc = runs.loc[runs["recipe"] == recipe, "accuracy"].to_numpy(dtype=float)
+        if len(acc):
+            mean, sd = mean_sd(acc)
+            stats.append((recipe, float(mean), float(sd) if len(acc) > 1 else 0.0, len(acc)))
+    if not stats:
+        return None
+    return (max if pick == "max" else min)(stats, key=lambda s: s[1])
+
+
+def _beats(runs: pd.DataFrame, a: Sequence[str], b: Sequence[str], n_test: int, pick_a: str = "max") -> dict[str, Any]:
+    """Does the best (or worst) of ``a`` beat the best of ``b``? A verdict with its numbers."""
+    sa, sb = _row_stats(runs, a, pick_a), _row_stats(runs, b, "max")
+    if sa is None or sb is None:
+        return dict(ours="rows not run", verdict="not run")
+    diff = sa[1] - sb[1]
+    # one test patient, or twice the standard error of the difference of the means over seeds
+    noise = max(1.0 / n_test, 2.0 * float(np.sqrt(sa[2] ** 2 / sa[3] + sb[2] ** 2 / sb[3])))
+    verdict = "holds" if diff > noise else "does not hold" if diff < -noise else "cannot tell at this size"
+    label = {r.recipe: r.label for r in ROWS}
+    text = (f"{label.get(sa[0], sa[0])} {sa[1]:.3f} ± {sa[2]:.3f} vs {label.get(sb[0], sb[0])} "
+            f"{sb[1]:.3f} ± {sb[2]:.3f}: difference {diff:+.3f}, resolution ± {noise:.3f}")
+    return dict(ours=text, verdict=verdict)
+
+
+def paper_claims(runs: pd.DataFrame, *, n_test: int, separability: Mapping[str, Mapping[str, float]] | None = None
+                 ) -> pd.DataFrame:
+    """The paper's five testable claims, each with this run's verdict and the numbers behind it.
+
+    A claim "A beats B" *holds* when A's mean test accuracy over seeds (and folds) exceeds B's
+    by more than the resolution of the comparison, the larger of one test patient
+    (``1 / n_test``) and twice the standard error of the difference of the two means; it *does
+    not hold* when B leads by more than that; otherwise the sizes cannot tell. Where a claim
+    is about a group of rows (e.g. "the MIL baselines"), the best of that group is compared.
+
+    Args:
+        runs: :func:`read_runs` output.
+        n_test: test patients per run (the resolution floor).
+        separability: Fig. 2's scores by panel, ``{"GiMP": {"silhouette", "knn_accuracy"}, ...}``
+            (stage 06); claim 5 is "not run" without them.
+
+    Returns:
+        One row per (sub-)claim: ``claim``, ``paper`` (the paper's figures), ``ours``, ``verdict``.
+    """
+    paper = {r.recipe: r.paper_accuracy for r in ROWS}
+    out = [
+        dict(claim="1. The aggregator alone beats the MIL baselines (Table 1, pathology block)",
+             paper=f"{paper['aggregator']:.4f} vs best MIL {max(paper[r] for r in _IMAGE_MIL):.4f}",
+             **_beats(runs, ["aggregator"], _IMAGE_MIL, n_test)),
+        dict(claim="2a. Fusing genes beats every image-only model (weakest fusion row vs best image-only row)",
+             paper=f"{min(paper[r] for r in _FUSION):.4f} vs {max(paper[r] for r in (*_IMAGE_MIL, 'aggregator')):.4f}",
+             **_beats(runs, _FUSION, (*_IMAGE_MIL, "aggregator"), n_test, pick_a="min")),
+        dict(claim="2b. GroupMSA beats SNN as the gene encoder (Table 2, fused without pre-training)",
+             paper=f"{paper['fusion_groupmsa']:.4f} vs {paper['fusion_snn']:.4f}",
+             **_beats(runs, ["fusion_groupmsa"], ["fusion_snn"], n_test)),
+        dict(claim="3a. Gene-induced pre-training beats no pre-training (GiMP vs GiMP w/o pre-training)",
+             paper=f"{paper['gimp']:.4f} vs {paper['fusion_groupmsa']:.4f}",
+             **_beats(runs, ["gimp"], ["fusion_groupmsa"], n_test)),
+        dict(claim="3b. ... and beats image-gene pre-training in the style of MGCA, BioViL, REFERS (best of them)",
+             paper=f"{paper['gimp']:.4f} vs {max(paper[r] for r in _IMAGE_GENE_PRETRAINING):.4f}",
+             **_beats(runs, ["gimp"], _IMAGE_GENE_PRETRAINING, n_test)),
+        dict(claim="4a. Removing MPM from pre-training costs accuracy (GiMP vs aggregator + GroupMSA + triplet)",
+             paper=f"{paper['gimp']:.4f} vs {paper['pre_groupmsa_tri']:.4f}",
+             **_beats(runs, ["gimp"], ["pre_groupmsa_tri"], n_test)),
+        dict(claim="4b. Removing the genes from pre-training costs accuracy (GiMP vs the better image-only "
+                   "pre-training row)",
+             paper=f"{paper['gimp']:.4f} vs {max(paper['pre_mpm'], paper['pre_tri']):.4f}",
+             **_beats(runs, ["gimp"], ["pre_mpm", "pre_tri"], n_test)),
+    ]
+    claim5 = "5. CLS_pat after GiMP pre-training separates the classes better than without genes, BioViL, MGCA (Fig. 2)"
+    if separability and "GiMP" in separability and len(separability) > 1:
+        mine = separability["GiMP"]
+        others = {k: v for k, v in separability.items() if k != "GiMP"}
+        wins = [all(mine[m] > v[m] for v in others.values()) for m in ("silhouette", "knn_accuracy")]
+        losses = [all(mine[m] < v[m] for v in others.values()) for m in ("silhouette", "knn_accuracy")]
+        verdict = "holds" if all(wins) else "does not hold" if any(losses) else "mixed (no clear ranking)"
+        text = "; ".join(f"{k}: silhouette {v['silhouette']:.3f}, kNN {v['knn_accuracy']:.3f}"
+                         for k, v in separability.items())
+        out.append(dict(claim=claim5, paper="visual (t-SNE panels)", ours=text, verdict=verdict))
+    else:
+        out.append(dict(claim=claim5, paper="visual (t-SNE panels)", ours="stage 06 not run", verdict="not run"))
+    return pd.DataFrame(out)

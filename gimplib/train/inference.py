@@ -15,7 +15,7 @@ from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import gene_matrix
 from gimplib.utils import exists, get_device
 
-__all__ = ["Task", "build_gimp", "embed", "load_gene_transform", "load_model"]
+__all__ = ["Task", "build_gimp", "embed", "gene_encoder_spec", "load_gene_transform", "load_model"]
 
 
 class Task(nn.Module):
@@ -24,7 +24,8 @@ class Task(nn.Module):
     Args:
         net: the model.
         kind: ``"genes"`` (``net.classify(genes)``), ``"pretrain"`` (``net.pretrain_step``),
-            ``"classifier"`` (``net(feats, mask)``) or ``"baseline"`` (the baseline contract).
+            ``"classifier"`` (``net(feats, mask, genes)``, a :class:`GiMPClassifier`) or
+            ``"baseline"`` (the baseline contract).
 
     ``state_dict`` / ``load_state_dict`` are the model's own, so checkpoints carry its keys.
     """
@@ -46,7 +47,7 @@ class Task(nn.Module):
         if self.kind == "pretrain":
             return dict(self.net.pretrain_step(batch["feats"], batch["mask"], batch.get("genes"), batch["y"]))
         if self.kind == "classifier":
-            return {"logits": self.net(batch["feats"], batch["mask"])}
+            return {"logits": self.net(batch["feats"], batch["mask"], genes=batch.get("genes"))}
         out = self.net(batch["feats"], mask=batch["mask"], genes=batch.get("genes"), y=batch["y"] if with_y else None)
         return {"logits": out["logits"], "loss_aux": out["loss_aux"]}
 
@@ -65,6 +66,23 @@ def build_gimp(config: Mapping[str, Any], in_dim: int, *, load_weights: bool) ->
         else:
             encoder = build_gene_encoder(gene_cfg["encoder"], **gene_cfg["build"])
     return GiMP(**{"in_dim": in_dim, **config["model_kwargs"]}, gene_encoder=encoder)
+
+
+def gene_encoder_spec(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How to rebuild the gene encoder inside a pre-training checkpoint: ``{"encoder", "build"}``.
+
+    GiMP records the supervised gene encoder it froze; the image-gene pre-training baselines
+    record theirs, or built a fresh GroupMSA from ``model_kwargs["gene_cfg"]``. None when the
+    pre-training had no gene encoder (image-only rows).
+    """
+    cfg = ckpt["config"]
+    source = cfg.get("gene_encoder")
+    if exists(source):
+        return {"encoder": source["encoder"], "build": dict(source["build"])}
+    if cfg.get("task") == "pretrain_baseline":
+        gene_cfg = dict(cfg.get("model_kwargs", {}).get("gene_cfg") or {})
+        return {"encoder": "groupmsa", "build": {"num_genes": ckpt["build"]["num_genes"], **gene_cfg}}
+    return None
 
 
 def load_gene_transform(path: str | os.PathLike) -> Any:
@@ -95,8 +113,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         from gimplib.models.aggregator import PatchAggregator
         from gimplib.models.gimp import GiMPClassifier
 
-        net = GiMPClassifier(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]),
-                             num_classes=len(cfg["cohort"]["label_names"]), **cfg["head_kwargs"])
+        spec = cfg.get("gene_encoder")
+        encoder = build_gene_encoder(spec["encoder"], **spec["build"]) if exists(spec) else None
+        net = GiMPClassifier(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]), gene_encoder=encoder,
+                             num_classes=len(cfg["cohort"]["label_names"]),
+                             freeze_gene_encoder=cfg.get("freeze_gene_encoder", True), **cfg["head_kwargs"])
         kind = "classifier"
     elif task == "pretrain_baseline":
         from gimplib.models.baselines import build_baseline
@@ -124,23 +145,38 @@ def embed(
     input: str = "bag",
     window_len: int = 6000,
     max_patches: int | None = None,
+    gene_transform: Any = None,
     device: str = "auto",
     progress: bool = True,
 ) -> np.ndarray:
-    """CLS embeddings of cases, e.g. for t-SNE.
+    """Embeddings of cases, e.g. for t-SNE: ``CLS_pat`` wherever the model has a gene branch.
+
+    What is returned, by model:
+
+    * GiMP after pre-training (:class:`~gimplib.models.GiMP`) and the image-gene pre-training
+      baselines: ``CLS_pat = concat(n(CLS_img), n(CLS_ge))``, the space the pre-training
+      shapes (``n`` = L2 normalisation, our choice); ``n(CLS_img)`` for image-only
+      pre-training. This is what the paper's Fig. 2 draws.
+    * A fine-tuned :class:`~gimplib.models.GiMPClassifier`: its head's input,
+      ``concat(CLS_img, CLS_ge)`` (or ``CLS_img`` when it has no gene encoder).
+    * A :class:`~gimplib.models.PatchAggregator`: ``CLS_img``.
+    * A gene encoder (checkpoint of :func:`train_gene_encoder`): ``CLS_ge``.
 
     Args:
-        model_or_ckpt: a checkpoint path or a model: GiMP / GiMPClassifier /
-            PatchAggregator give ``CLS_pat`` of the aggregator; a gene encoder
-            (checkpoint of :func:`train_gene_encoder`) gives ``CLS_ge``.
+        model_or_ckpt: a checkpoint path or a model.
         cohort: the cohort holding ``case_ids``.
         case_ids: cases to embed.
         input: ``"bag"`` (whole bags; ``max_patches`` subsamples) or ``"window"`` (one
             window of ``window_len`` per case, seed 0).
+        gene_transform: the fitted :class:`~gimplib.data.genes.GeneTransform` when a model
+            (not a checkpoint path, which carries its own) needs genes.
         device, progress: runtime options.
 
     Returns:
         (len(case_ids), d) float32 array, rows in ``case_ids`` order.
+
+    Raises:
+        DataError: a case has no expression although the model needs it (the case is named).
     """
     from gimplib.data.datasets import BagDataset, WindowDataset
     from gimplib.models.aggregator import PatchAggregator
@@ -148,7 +184,7 @@ def embed(
     dev = get_device(device)
     ids = list(case_ids)
     if isinstance(model_or_ckpt, nn.Module):
-        net, transform = model_or_ckpt, None
+        net, transform = model_or_ckpt, gene_transform
     else:
         net, transform = load_model(model_or_ckpt), load_gene_transform(model_or_ckpt)
     net = net.to(dev).eval()
@@ -158,16 +194,31 @@ def embed(
         genes = torch.from_numpy(gene_matrix(cohort, transform, ids))
         return torch.cat([net(chunk.to(dev)).float().cpu() for chunk in genes.split(256)]).numpy()
 
-    aggregator = net if isinstance(net, PatchAggregator) else getattr(net, "aggregator", None)
-    if aggregator is None:
-        raise ValueError(f"cannot embed with a {type(net).__name__}: it has no aggregator")
-    if input == "window":
-        data = WindowDataset(cohort, ids, window_len=window_len, seed=0)
+    if isinstance(net, PatchAggregator):
+        def encode(feats, mask, genes):  # noqa: ANN001, ANN202
+            return net(feats, mask).cls
+        needs_genes = False
+    elif hasattr(net, "embed_pair"):  # GiMP / image-gene pre-training: CLS_pat after pre-training
+        encode, needs_genes = net.embed_pair, exists(getattr(net, "gene_encoder", None))
+    elif hasattr(net, "cls_pat"):  # a fine-tuned GiMPClassifier
+        def encode(feats, mask, genes):  # noqa: ANN001, ANN202
+            return net.cls_pat(feats, mask, genes)[0]
+        needs_genes = net.uses_genes
     else:
-        data = BagDataset(cohort, ids, max_patches=max_patches, seed=0)
+        raise ValueError(f"cannot embed with a {type(net).__name__}: it has no aggregator")
+    gm = None
+    if needs_genes:
+        if transform is None:
+            raise ValueError(f"the {type(net).__name__} reads genes: pass its checkpoint path or gene_transform=")
+        gm = gene_matrix(cohort, transform, ids)
+    if input == "window":
+        data = WindowDataset(cohort, ids, window_len=window_len, gene_matrix=gm, seed=0)
+    else:
+        data = BagDataset(cohort, ids, gene_matrix=gm, max_patches=max_patches, seed=0)
     out = []
     for i in tqdm(range(len(data)), desc="embed", disable=not progress, leave=False):
         item = data[i]
-        cls = aggregator(item["feats"][None].to(dev), item["mask"][None].to(dev)).cls
-        out.append(cls[0].float().cpu().numpy())
+        genes = item["genes"][None].to(dev) if needs_genes else None
+        emb = encode(item["feats"][None].to(dev), item["mask"][None].to(dev), genes)
+        out.append(emb[0].float().cpu().numpy())
     return np.stack(out).astype(np.float32)

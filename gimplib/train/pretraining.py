@@ -4,6 +4,8 @@ Choices the paper leaves open, made here (all exposed as parameters):
 
 * pretraining uses the training cases only and keeps its last epoch (the paper has no
   selection criterion for it); its validation loss is logged with fixed masks/windows;
+* fine-tuning classifies ``CLS_pat = concat(CLS_img, CLS_ge)`` (image + genes) whenever the
+  pre-training had a gene encoder, which stays frozen by default (``freeze_gene_encoder``);
 * fine-tuning trains on whole bags (``input="bag"``) by default and always evaluates on
   whole bags; ``input="window"`` trains on random contiguous windows of ``window_len``;
 * the aggregator is fine-tuned together with the MLP head (``freeze_aggregator=False``);
@@ -31,7 +33,7 @@ from gimplib.train.common import (
     prepare_run,
 )
 from gimplib.train.engine import fit, to_device
-from gimplib.train.inference import Task, build_gimp, load_gene_transform, load_model
+from gimplib.train.inference import Task, build_gimp, gene_encoder_spec, load_gene_transform, load_model
 from gimplib.train.tasks import engine_options, make_config, run_supervised, train_gene_encoder
 from gimplib.utils import DataError, exists, seed_everything
 
@@ -54,7 +56,7 @@ def pretrain_gimp(
     progress: bool = True,
     **common: Any,
 ) -> RunResult:
-    """GiMP pretraining (Sect. 2.3-2.4): MPM reconstruction + gene-induced triplets.
+    """GiMP pretraining (Sect. 2.3): MPM reconstruction + gene-induced triplets.
 
     Each training case contributes one random contiguous window of ``window_len`` patches
     per epoch (shorter bags are tiled). The gene encoder (from :func:`train_gene_encoder`)
@@ -247,6 +249,8 @@ def finetune(
     aggregator_kwargs: Mapping[str, Any] | None = None,
     head_kwargs: Mapping[str, Any] | None = None,
     freeze_aggregator: bool = False,
+    freeze_gene_encoder: bool = True,
+    use_genes: bool | None = None,
     input: str = "bag",
     window_len: int = 6000,
     max_patches: int | None = None,
@@ -259,18 +263,31 @@ def finetune(
     progress: bool = True,
     **common: Any,
 ) -> RunResult:
-    """Fine-tune an MLP head on ``CLS_pat`` (with the aggregator), keep the best epoch on val, report test.
+    """Multimodal fine-tuning (Sect. 2.3): an MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)``.
+
+    With a pre-training checkpoint that has a gene encoder (GiMP with GroupMSA or SNN, and
+    the BioViL-/MGCA-/REFERS-style baselines), the classifier reads the slide *and* the
+    patient's expression, at fine-tuning, validation and test, as in the paper; the gene
+    transform fitted for that encoder is reused. Without one (image-only pre-training, or
+    ``pretrained_ckpt=None``: the supervised aggregator of Table 1's "GiMP w/o GroupMSA")
+    the head sees ``CLS_img`` alone. The best epoch on validation is kept and tested.
 
     Args:
-        cohort: a cohort with slides.
+        cohort: a cohort with slides (and genes when the pre-training used them).
         split: ``{"train", "val", "test"}`` case ids.
         out_dir: run folder.
         pretrained_ckpt: ``checkpoint.pt`` of :func:`pretrain_gimp` or :func:`pretrain_baseline`
-            (its aggregator is the starting point), or None to train from scratch (the "no
-            pretraining" row).
+            (its aggregator and gene encoder are the starting point), or None to train the
+            aggregator from scratch on slides alone.
         aggregator_kwargs: :class:`PatchAggregator` arguments; only without ``pretrained_ckpt``.
         head_kwargs: :class:`MLPHead` ``hidden`` / ``dropout`` for the classifier.
         freeze_aggregator: train the head only (a linear-probe-style evaluation).
+        freeze_gene_encoder: keep the pre-trained gene encoder fixed (default, as during GiMP
+            pre-training); False fine-tunes it too (our option; the paper does not say).
+        use_genes: None (default, the paper): classify ``CLS_pat`` whenever the pre-training
+            had a gene encoder. False drops the genes after pre-training and classifies
+            ``CLS_img`` alone, an ablation of ours (what this library did before it followed
+            the paper's multimodal fine-tuning).
         input: ``"bag"`` (whole bags, optionally subsampled to ``max_patches`` during
             training) or ``"window"`` (random contiguous windows of ``window_len``).
         num_epochs, batch_size: paper: up to 70 epochs; bags are padded to a batch with masks.
@@ -280,15 +297,20 @@ def finetune(
 
     Returns:
         :class:`RunResult` (val and test metrics of the best epoch, with bootstrap CIs).
+
+    Raises:
+        DataError: the checkpoint is not a pre-training run of this split, or a case of the
+            split has no expression although the classifier reads genes (the case is named).
     """
     from gimplib.data.datasets import collate_bags
+    from gimplib.data.genes import GeneTransform
     from gimplib.models.aggregator import PatchAggregator
     from gimplib.models.gimp import GiMPClassifier
 
     out_dir = Path(out_dir)
     callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
     opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
-    pre_cfg = None
+    pre_cfg, gene_spec, pre = None, None, None
     if exists(pretrained_ckpt):
         if aggregator_kwargs:
             raise ValueError("aggregator_kwargs come from pretrained_ckpt; do not pass both")
@@ -299,26 +321,43 @@ def finetune(
         pre_cfg = {"ckpt": str(pretrained_ckpt), "epoch": int(pre["epoch"]),
                    "split_sha1": pre["config"]["split"]["sha1"]}
         agg = _aggregator_kwargs({"in_dim": cohort.feat_dim, **pre["config"]["model_kwargs"]})
+        gene_spec = gene_encoder_spec(pre) if use_genes is not False else None
+        if use_genes and gene_spec is None:
+            raise DataError(f"use_genes=True, but {pretrained_ckpt} was pre-trained without a gene encoder")
     else:
+        if use_genes:
+            raise ValueError("use_genes=True needs a pretrained_ckpt with a gene encoder")
         agg = {"in_dim": cohort.feat_dim, **dict(aggregator_kwargs or {})}
-    config = make_config("finetune", cohort, split, pretrained=pre_cfg, aggregator_kwargs=agg,
-                         head_kwargs=dict(head_kwargs or {}), freeze_aggregator=freeze_aggregator, input=input,
-                         window_len=window_len, max_patches=max_patches, select=select, **opts)
+    config = make_config("finetune", cohort, split, pretrained=pre_cfg, aggregator_kwargs=agg, gene_encoder=gene_spec,
+                         freeze_gene_encoder=freeze_gene_encoder, head_kwargs=dict(head_kwargs or {}),
+                         freeze_aggregator=freeze_aggregator, input=input, window_len=window_len,
+                         max_patches=max_patches, select=select, **opts)
     done = prepare_run(out_dir, config, overwrite)
     if done:
         return done
     if exists(pre_cfg) and pre_cfg["split_sha1"] != config["split"]["sha1"]:
         raise DataError(f"{pretrained_ckpt} was pretrained on another split: its training cases may be test cases here")
     seed_everything(opts["seed"], opts["deterministic"])
+    encoder, gt = None, None
     if exists(pre_cfg):
-        aggregator = load_model(pretrained_ckpt).aggregator
+        pretrained = load_model(pretrained_ckpt)
+        aggregator = pretrained.aggregator
+        if exists(gene_spec):
+            encoder = pretrained.gene_encoder
+            if "gene_transform" not in pre:
+                raise DataError(f"{pretrained_ckpt}: a pre-training with a gene encoder but no gene transform saved")
+            gt = GeneTransform.from_state_dict(pre["gene_transform"])
     else:
         aggregator = PatchAggregator(**agg)
-    net = GiMPClassifier(aggregator=aggregator, num_classes=len(cohort.label_names), **config["head_kwargs"])
+    net = GiMPClassifier(aggregator=aggregator, gene_encoder=encoder, num_classes=len(cohort.label_names),
+                         freeze_gene_encoder=freeze_gene_encoder, **config["head_kwargs"])
     if freeze_aggregator:
         net.aggregator.requires_grad_(False)
-    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts["seed"])
+    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts["seed"],
+                    gt=gt)
     extras = {"label_names": list(cohort.label_names)}
+    if exists(gt):
+        extras["gene_transform"] = gt.state_dict()
     return run_supervised(kind="classifier", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=collate_bags, opts=opts,
                           select=select, extras=extras, device=device, num_workers=num_workers,

@@ -11,9 +11,11 @@ pairs with the *same* two encoders as GiMP, so that only the pretraining objecti
   GiMP it is trained jointly (``freeze_gene_encoder=False``), as the text encoders are.
 
 After pretraining, :meth:`ImageGenePretrainer.build_classifier` gives the same fine-tuning
-model as GiMP (an MLP on ``CLS_pat``, :class:`gimplib.models.GiMPClassifier`), and
-``GiMPClassifier.from_pretrained(checkpoint)`` also works on these modules' checkpoints
-(their aggregator weights live under ``aggregator.``, as in GiMP).
+model as GiMP (an MLP on ``CLS_pat = concat(CLS_img, CLS_ge)``,
+:class:`gimplib.models.GiMPClassifier`): like GiMP, these rows sit in the paper's
+pathology + genomic block with pre-training, so they are fine-tuned on image + genes.
+``GiMPClassifier.from_pretrained(module)`` also works on these modules (their aggregator
+weights live under ``aggregator.``, as in GiMP).
 
 Labels are never used: these objectives are self-supervised (``y`` is accepted and ignored).
 """
@@ -24,6 +26,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -189,8 +192,21 @@ class ImageGenePretrainer(nn.Module):
         """
         return self(feats, mask, genes, y, generator)
 
-    def build_classifier(self, *, num_classes: int | None = None, hidden: int = 256, dropout: float = 0.25) -> GiMPClassifier:
-        """The fine-tuning model: a copy of the pretrained aggregator with GiMP's MLP head on ``CLS_pat``."""
+    def build_classifier(
+        self, *, num_classes: int | None = None, hidden: int = 256, dropout: float = 0.25, freeze_gene_encoder: bool = True
+    ) -> GiMPClassifier:
+        """The fine-tuning model: copies of the pretrained aggregator and gene encoder with GiMP's
+        MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)`` (image-omic, as GiMP is fine-tuned)."""
         return GiMPClassifier(
-            aggregator=copy.deepcopy(self.aggregator), num_classes=num_classes or self.num_classes, hidden=hidden, dropout=dropout
+            aggregator=copy.deepcopy(self.aggregator), gene_encoder=copy.deepcopy(self.gene_encoder),
+            num_classes=num_classes or self.num_classes, hidden=hidden, dropout=dropout,
+            freeze_gene_encoder=freeze_gene_encoder,
         )
+
+    @torch.no_grad()
+    def embed_pair(self, feats: Tensor, mask: Tensor | None, genes: Tensor) -> Tensor:
+        """``CLS_pat`` after pre-training for figures: concat of the L2-normalised ``CLS_img`` and
+        ``CLS_ge`` (b, d_img + d_ge), the same construction as :meth:`GiMP.embed_pair`."""
+        cls_img = self.aggregator(feats, mask).cls
+        cls_ge = self.encode_genes(genes)
+        return torch.cat([F.normalize(cls_img, dim=-1), F.normalize(cls_ge, dim=-1).to(cls_img.dtype)], dim=-1)
