@@ -189,6 +189,7 @@ def _weights_match_record() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["tcga_at4_ah1_224", "tcga_at4_ah1_nopad_none"])
 def test_features_bit_identical_to_clams(svs: Path, tmp_path: Path, run: str):
     why = _weights_match_record()

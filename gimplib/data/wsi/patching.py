@@ -1,11 +1,10 @@
 """The patch grid of a slide at a target magnification (the field mode), and CLAM's patches h5.
 
 Coordinates are level-0 pixels (x, y) of each patch's top-left corner, in CLAM's order
-(``np.meshgrid(xs, ys, indexing="ij")`` flattened: x outer, y inner). CLAM lays one grid
-per tissue contour, each starting at the contour's bounding box, and can emit the same
-position twice where boxes overlap; here one grid starts at (0, 0) and each position is
-kept once, when the tissue mask covers at least ``min_tissue`` of it. By default only
-whole patches are laid (CLAM pads edge patches past the slide border with black).
+(``np.meshgrid(xs, ys, indexing="ij")`` flattened: x outer, y inner). In this field mode
+one grid starts at (0, 0) and each position is kept once, when the tissue mask covers at
+least ``min_tissue`` of it; only whole patches are laid. CLAM's own grid (one per tissue
+contour, from its bounding box, with padding) is the CLAM mode, :mod:`gimplib.data.wsi.clam`.
 """
 
 from __future__ import annotations
