@@ -285,6 +285,10 @@ def test_bad_extract_settings_are_named(svs: Path, tmp_path: Path):
         ExtractConfig(patch_level=-1)
     with pytest.raises(DataError, match=r"CMU-1-Small-Region\.svs: patch_level 2 asked for; it has 1 level"):
         process_slide(svs, tmp_path, ExtractConfig(patch_level=2, features=False))
+    with pytest.raises(DataError, match=r"CMU-1-Small-Region\.svs: seg_level 3 asked for; it has 1 level"):
+        process_slide(svs, tmp_path, ExtractConfig(clam=ClamParams(seg_level=3), features=False))
+    with pytest.raises(DataError, match="out_size=0"):
+        ExtractConfig(out_size=0)
 
 
 def test_cli_preset_and_mode_options(svs: Path, tmp_path: Path, capsys):

@@ -131,6 +131,8 @@ class ExtractConfig:
                 f"extraction settings: patch_size={self.patch_size}, step_size={self.step_size}, "
                 f"patch_level={self.patch_level}; expected sizes >= 1 and a level >= 0"
             )
+        if self.out_size is not None and self.out_size < 1:
+            raise DataError(f"extraction settings: out_size={self.out_size}; expected a side >= 1 or None (no resize)")
 
 
 def find_slides(source: str | os.PathLike | Iterable[str | os.PathLike], extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
