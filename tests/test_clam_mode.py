@@ -36,6 +36,7 @@ from gimplib.data.wsi import (  # noqa: E402
     read_patches_h5,
     read_slide_info,
 )
+from gimplib.data.wsi.clam import clam_level_downsamples, clam_patch_coords, clam_segment  # noqa: E402
 from gimplib.utils import DataError  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clam"
@@ -139,9 +140,6 @@ def test_patch_level_reads_patch_size_at_that_level(tiff: Path, tmp_path: Path):
 
 def test_keep_and_exclude_contour_ids(tiff: Path):
     params = ClamParams.from_preset("bwh_biopsy")
-    full, owner = grid_of(tiff, params)[0].coords, None
-    from gimplib.data.wsi.clam import clam_level_downsamples, clam_patch_coords, clam_segment
-
     slide = open_slide(tiff)
     try:
         seg = clam_segment(slide, params)
