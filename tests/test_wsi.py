@@ -19,6 +19,7 @@ pytest.importorskip("torchvision", reason="the wsi extra (torchvision) is not in
 
 from gimplib.data import load_cohort, read_bag  # noqa: E402
 from gimplib.data.wsi import (  # noqa: E402
+    ClamParams,
     ExtractConfig,
     PatchDataset,
     ResNet50Trunc,
@@ -165,7 +166,9 @@ def test_real_slide_to_cohort_folder_with_cli_resume_and_settings(svs: Path, tmp
     out = tmp_path / "cohort"
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"slide_id": [svs.stem], "label": ["LUSC"]}).to_csv(labels, index=False)
-    argv = [str(svs), str(out), "--random-weights", "--max-patches", "3", "--batch-size", "2", "--quiet", "--labels", str(labels)]
+    # CLAM mode (the default) with the TCGA preset's areas lowered: the unmodified preset keeps nothing on this small region
+    argv = [str(svs), str(out), "--random-weights", "--max-patches", "3", "--batch-size", "2", "--quiet", "--labels", str(labels),
+            "--a-t", "4", "--a-h", "1"]
     assert main(argv) == 0
     h5 = out / "h5_files" / f"{svs.stem}.h5"
     with h5py.File(out / "patches" / f"{svs.stem}.h5", "r") as f:
@@ -188,11 +191,14 @@ def test_real_slide_to_cohort_folder_with_cli_resume_and_settings(svs: Path, tmp
     assert cohort.slides.n_patches.tolist() == [3] and cohort.label_names == ["LUSC"]
     # resume: done slides are skipped, not recomputed
     mtime = h5.stat().st_mtime_ns
-    again = process_slides(svs, out, ExtractConfig(random_weights=True, max_patches=3), progress=False)
+    clam = ClamParams.from_preset("tcga", a_t=4, a_h=1)
+    again = process_slides(svs, out, ExtractConfig(random_weights=True, max_patches=3, clam=clam), progress=False)
     assert again.status.tolist() == ["skipped"] and h5.stat().st_mtime_ns == mtime
     # other settings into the same folder are refused, naming the setting
     with pytest.raises(DataError, match="max_patches"):
-        process_slides(svs, out, ExtractConfig(random_weights=True, max_patches=5), progress=False)
+        process_slides(svs, out, ExtractConfig(random_weights=True, max_patches=5, clam=clam), progress=False)
+    with pytest.raises(DataError, match="mode"):
+        process_slides(svs, out, ExtractConfig(random_weights=True, max_patches=3, mode="field"), progress=False)
 
 
 # ---------------------------------------------------------------- the encoder
@@ -264,10 +270,10 @@ def test_pyramid_level_chosen_for_target_magnification(tmp_path: Path):
 
 def test_slide_without_mpp_needs_a_magnification(tmp_path: Path):
     path = write_pyramid(tmp_path / "nompp.tif", tissue_image(1024, 768), mpp=None, levels=2)
-    config = ExtractConfig(features=False, tissue=TissueParams(a_t=1.0))
+    config = ExtractConfig(mode="field", features=False, tissue=TissueParams(a_t=1.0))
     with pytest.raises(DataError, match=r"nompp\.tif.*magnification"):
         process_slide(path, tmp_path / "out", config)
-    config = ExtractConfig(features=False, slide_magnification=20.0, tissue=TissueParams(a_t=1.0))
+    config = ExtractConfig(mode="field", features=False, slide_magnification=20.0, tissue=TissueParams(a_t=1.0))
     result = process_slide(path, tmp_path / "out", config)
     assert result["n_patches"] > 0
     coords, attrs = read_patches_h5(tmp_path / "out" / "patches" / "nompp.h5")
@@ -277,7 +283,11 @@ def test_slide_without_mpp_needs_a_magnification(tmp_path: Path):
 def test_blank_slide_has_no_tissue(tmp_path: Path):
     path = write_pyramid(tmp_path / "blank.tif", np.full((1024, 1024, 3), 250, np.uint8), levels=1)
     with pytest.raises(DataError, match=r"blank\.tif.*no tissue"):
+        process_slide(path, tmp_path / "out", ExtractConfig(mode="field", features=False))
+    with pytest.raises(DataError, match=r"blank\.tif.*no patch in CLAM mode \(0 tissue contour"):
         process_slide(path, tmp_path / "out", ExtractConfig(features=False))
+    assert (tmp_path / "out" / "masks" / "blank.png").is_file()  # kept, to see why
+    assert not (tmp_path / "out" / "patches" / "blank.h5").exists()
 
 
 def test_unreadable_slide_is_reported_and_the_rest_go_on(tmp_path: Path):
@@ -288,7 +298,7 @@ def test_unreadable_slide_is_reported_and_the_rest_go_on(tmp_path: Path):
     with pytest.raises(DataError, match=r"broken\.svs"):
         process_slide(src / "broken.svs", tmp_path / "x", ExtractConfig(features=False))
     out = tmp_path / "out"
-    argv = [str(src), str(out), "--patch-only", "--a-t", "1", "--max-patches", "2", "--quiet"]
+    argv = [str(src), str(out), "--mode", "field", "--patch-only", "--a-t", "1", "--max-patches", "2", "--quiet"]
     assert main(argv) == 1  # one slide failed
     status = pd.read_csv(out / "extract_status.csv", keep_default_na=False).set_index("slide_id")
     assert status.loc["good", "status"] == "done" and status.loc["good", "n_patches"] == 2
@@ -296,7 +306,7 @@ def test_unreadable_slide_is_reported_and_the_rest_go_on(tmp_path: Path):
     assert not (out / "patches" / "broken.h5").exists()
     assert not (out / "h5_files").exists()
     # CLAM's two steps: patch first, embed later into the same folder
-    config = ExtractConfig(tissue=TissueParams(a_t=1.0), max_patches=2, random_weights=True, batch_size=2)
+    config = ExtractConfig(mode="field", tissue=TissueParams(a_t=1.0), max_patches=2, random_weights=True, batch_size=2)
     again = process_slides(src / "good.tif", out, config, progress=False)
     assert again.status.tolist() == ["done"]
     assert read_bag(out / "h5_files" / "good.h5").feats.shape == (2, 1024)

@@ -371,6 +371,7 @@ def write_bag(
     attrs: dict | None = None,
     dtype: str = "float32",
     chunk_rows: int = 1024,
+    coords_dtype: str = "int64",
 ) -> Path:
     """Write a bag as CLAM does (chunked, resizable datasets), atomically.
 
@@ -382,6 +383,7 @@ def write_bag(
             patch_level, downsample, ... there).
         dtype: stored feature dtype, ``float32`` (CLAM's) or ``float16``.
         chunk_rows: rows per HDF5 chunk.
+        coords_dtype: stored coords dtype (CLAM's ``extract_features_fp.py`` writes int32).
 
     Returns:
         ``path``.
@@ -402,7 +404,7 @@ def write_bag(
                 if coords.shape != (n, 2):
                     raise DataError(f"{path}: coords of shape {coords.shape}; expected ({n}, 2)")
                 ds = f.create_dataset(
-                    "coords", data=coords.astype(np.int64), maxshape=(None, 2), chunks=(rows, 2)
+                    "coords", data=coords.astype(coords_dtype), maxshape=(None, 2), chunks=(rows, 2)
                 )
                 for key, value in (attrs or {}).items():
                     ds.attrs[key] = value

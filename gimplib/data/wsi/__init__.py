@@ -6,14 +6,16 @@ or an encoder is built, so importing this package needs neither.
 
 Modules:
     slide     opening slides, mpp / magnification, pyramid level choice
-    tissue    HSV-saturation tissue segmentation (CLAM's recipe) and the mask PNG
-    patching  the patch grid at a target magnification and CLAM's patches h5
+    clam      CLAM mode (default): CLAM's contours, per-contour grid and presets, coordinate for coordinate
+    tissue    field mode: HSV-saturation tissue mask (CLAM's recipe on pixel masks) and the mask PNG
+    patching  field mode: the patch grid at a target magnification; CLAM's patches h5
     features  ResNet50 truncated after layer3 (1024-d) and batched extraction
     pipeline  one slide / a folder -> cohort folder, resumable, with a status CSV
     cli       the gimp-extract command
     heatmap   per-patch attention over the slide thumbnail
 """
 
+from gimplib.data.wsi.clam import CLAM_PRESETS, ClamParams, ClamSegmentation, clam_patch_coords, clam_patch_grid, clam_segment
 from gimplib.data.wsi.features import (
     PatchDataset,
     ResNet50Trunc,
@@ -25,6 +27,7 @@ from gimplib.data.wsi.cli import main
 from gimplib.data.wsi.heatmap import patch_score_image, patch_size_level0, plot_attention_heatmap
 from gimplib.data.wsi.patching import PatchGrid, patch_grid, read_patches_h5, write_patches_h5
 from gimplib.data.wsi.pipeline import (
+    EXTRACT_MODES,
     SLIDE_EXTENSIONS,
     ExtractConfig,
     find_slides,
@@ -36,7 +39,11 @@ from gimplib.data.wsi.slide import SlideInfo, choose_level, open_slide, read_sli
 from gimplib.data.wsi.tissue import TissueMask, TissueParams, segment_tissue, slide_tissue_mask
 
 __all__ = [
+    "CLAM_PRESETS",
+    "EXTRACT_MODES",
     "SLIDE_EXTENSIONS",
+    "ClamParams",
+    "ClamSegmentation",
     "ExtractConfig",
     "PatchDataset",
     "PatchGrid",
@@ -46,6 +53,9 @@ __all__ = [
     "TissueParams",
     "build_encoder",
     "choose_level",
+    "clam_patch_coords",
+    "clam_patch_grid",
+    "clam_segment",
     "default_weights_path",
     "extract_features",
     "find_slides",

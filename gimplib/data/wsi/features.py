@@ -1,7 +1,8 @@
 """Patch features: ImageNet ResNet50 truncated after ``layer3``, average-pooled to 1024-d.
 
 This is CLAM's ``resnet50_trunc`` encoder (torchvision's IMAGENET1K_V1 weights, which
-timm calls ``resnet50.tv_in1k``): patches resized to 224 px, ImageNet mean/std, the
+timm calls ``resnet50.tv_in1k``): patches resized to 224 px (CLAM's ``target_patch_size``;
+None keeps them as read, like CLAM before April 2024), ImageNet mean/std, the
 ResNet50 stem and ``layer1``-``layer3`` (1024 channels, stride 16), adaptive average
 pooling. Weights come from a local file or torchvision's cache, never from the network.
 torchvision is an optional dependency, imported here only when a model is built.
@@ -159,22 +160,40 @@ class PatchDataset(Dataset):
     """Patches of one slide, read with OpenSlide and resized, as uint8 tensors.
 
     The slide is opened lazily in each DataLoader worker (OpenSlide handles do not
-    survive a fork). Transparent pixels (outside scanned areas) become white.
+    survive a fork). Transparent pixels (outside scanned areas, or past the slide border
+    for CLAM's padded edge patches) become black as in CLAM (its ``.convert('RGB')`` drops
+    the alpha of OpenSlide's transparent black) or white.
 
     Args:
         slide_path: the slide file.
         coords: (n, 2) level-0 (x, y) top-left corners.
         level: pyramid level to read from.
         read_size: side read at ``level``.
-        out_size: side of the returned patch (224 for the ResNet).
+        out_size: side of the returned patch (224 for the ResNet; None = ``read_size``,
+            no resize).
+        fill: ``"black"`` (CLAM) or ``"white"`` for transparent pixels.
     """
 
-    def __init__(self, slide_path: str | os.PathLike, coords: np.ndarray, *, level: int, read_size: int, out_size: int = 224) -> None:
+    def __init__(
+        self,
+        slide_path: str | os.PathLike,
+        coords: np.ndarray,
+        *,
+        level: int,
+        read_size: int,
+        out_size: int | None = 224,
+        fill: str = "black",
+    ) -> None:
+        if fill not in ("black", "white"):
+            raise DataError(f"slide {slide_path}: fill={fill!r}; expected 'black' (CLAM) or 'white'")
+        if out_size is not None and out_size < 1:
+            raise DataError(f"slide {slide_path}: out_size={out_size}; expected a positive side or None")
         self.slide_path = Path(slide_path)
         self.coords = np.asarray(coords, dtype=np.int64)
         self.level = int(level)
         self.read_size = int(read_size)
-        self.out_size = int(out_size)
+        self.out_size = int(out_size) if out_size is not None else self.read_size
+        self.fill = fill
         self._slide: Any = None
 
     def __len__(self) -> int:
@@ -187,9 +206,12 @@ class PatchDataset(Dataset):
 
             self._slide = open_slide(self.slide_path)
         x, y = (int(v) for v in self.coords[index])
-        tile = self._slide.read_region((x, y), self.level, (self.read_size, self.read_size)).convert("RGBA")
-        white = Image.new("RGBA", tile.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, tile).convert("RGB")
+        tile = self._slide.read_region((x, y), self.level, (self.read_size, self.read_size))
+        if self.fill == "black":
+            img = tile.convert("RGB")
+        else:
+            white = Image.new("RGBA", tile.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, tile.convert("RGBA")).convert("RGB")
         if img.size != (self.out_size, self.out_size):
             img = img.resize((self.out_size, self.out_size), Image.Resampling.BILINEAR)
         return img
@@ -234,11 +256,12 @@ def extract_features(
     *,
     level: int,
     read_size: int,
-    out_size: int = 224,
+    out_size: int | None = 224,
+    fill: str = "black",
     batch_size: int = 64,
     num_workers: int = 0,
     device: str | torch.device = "auto",
-    half: bool | None = None,
+    half: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
     """ResNet50-trunc features of the patches of one slide.
@@ -249,22 +272,23 @@ def extract_features(
         model: the encoder (:func:`build_encoder`); moved to ``device`` here.
         level: pyramid level to read from.
         read_size: side read at ``level``; resized to ``out_size``.
-        out_size: network input side (224).
+        out_size: network input side (224, CLAM's ``target_patch_size``; None = no resize).
+        fill: colour of transparent pixels, ``"black"`` (CLAM) or ``"white"``.
         batch_size: patches per forward pass.
         num_workers: DataLoader workers reading patches.
         device: "auto", "cpu", "cuda", ...
-        half: float16 autocast; default True on CUDA, False elsewhere.
+        half: float16 autocast on CUDA (ignored elsewhere); default False, float32 as CLAM.
         progress: show a tqdm bar.
 
     Returns:
         (n, 1024) float32 features in the order of ``coords``.
     """
     device = get_device(device)
-    half = device.type == "cuda" if half is None else bool(half and device.type == "cuda")
+    half = bool(half and device.type == "cuda")
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    dataset = PatchDataset(slide_path, coords, level=level, read_size=read_size, out_size=out_size)
+    dataset = PatchDataset(slide_path, coords, level=level, read_size=read_size, out_size=out_size, fill=fill)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

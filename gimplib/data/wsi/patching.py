@@ -1,11 +1,10 @@
-"""The patch grid of a slide at a target magnification, and CLAM's patches h5.
+"""The patch grid of a slide at a target magnification (the field mode), and CLAM's patches h5.
 
 Coordinates are level-0 pixels (x, y) of each patch's top-left corner, in CLAM's order
-(``np.meshgrid(xs, ys, indexing="ij")`` flattened: x outer, y inner). CLAM lays one grid
-per tissue contour, each starting at the contour's bounding box, and can emit the same
-position twice where boxes overlap; here one grid starts at (0, 0) and each position is
-kept once, when the tissue mask covers at least ``min_tissue`` of it. By default only
-whole patches are laid (CLAM pads edge patches past the slide border with black).
+(``np.meshgrid(xs, ys, indexing="ij")`` flattened: x outer, y inner). In this field mode
+one grid starts at (0, 0) and each position is kept once, when the tissue mask covers at
+least ``min_tissue`` of it; only whole patches are laid. CLAM's own grid (one per tissue
+contour, from its bounding box, with padding) is the CLAM mode, :mod:`gimplib.data.wsi.clam`.
 """
 
 from __future__ import annotations
@@ -30,39 +29,50 @@ class PatchGrid:
 
     Attributes:
         coords: (n, 2) int64 level-0 (x, y) top-left corners, CLAM's order.
-        tissue: (n,) float32 tissue fraction of each patch.
+        tissue: (n,) float32 tissue fraction of each patch (field mode), or None.
         patch_level: pyramid level the patches are read from.
         patch_size: side read at ``patch_level`` (CLAM's ``patch_size`` attribute).
         patch_size_level0: side of a patch in level-0 pixels (also the grid step when
             ``step_size == target_patch_size``).
-        target_patch_size: side of a patch at ``target_magnification`` (e.g. 256 at 20x).
-        target_magnification: magnification the patches represent.
-        slide_magnification: level-0 magnification of the slide, and where it came from.
+        target_patch_size: side of a patch at ``target_magnification`` (e.g. 256 at 20x);
+            None in the CLAM mode.
+        target_magnification: magnification the patches represent (None in the CLAM mode).
+        slide_magnification: level-0 magnification of the slide, and where it came from
+            (None in the CLAM mode, which does not read the scale).
         downsample: per-axis downsample of ``patch_level`` (CLAM's ``downsample``).
         level_dim: (w, h) of ``patch_level``.
         slide_dim: level-0 (w, h).
+        grid_shape: (columns, rows) of the one grid (field mode), or None.
+        mode: ``"field"`` or ``"clam"`` (see :mod:`gimplib.data.wsi.clam`).
     """
 
     coords: np.ndarray
-    tissue: np.ndarray
+    tissue: np.ndarray | None
     patch_level: int
     patch_size: int
     patch_size_level0: int
-    target_patch_size: int
-    target_magnification: float
-    slide_magnification: float
-    magnification_source: str
+    target_patch_size: int | None
+    target_magnification: float | None
+    slide_magnification: float | None
+    magnification_source: str | None
     downsample: tuple[float, float]
     level_dim: tuple[int, int]
     slide_dim: tuple[int, int]
-    grid_shape: tuple[int, int]
+    grid_shape: tuple[int, int] | None = None
+    mode: str = "field"
+
+    def subset(self, index: np.ndarray) -> None:
+        """Keep only the patches at ``index`` (in place)."""
+        self.coords = self.coords[index]
+        if self.tissue is not None:
+            self.tissue = self.tissue[index]
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
 
     def attrs(self, name: str, save_path: str | os.PathLike) -> dict:
         """CLAM's attributes of the ``coords`` dataset, plus TRIDENT-style scale fields."""
-        return {
+        attrs = {
             "patch_size": int(self.patch_size),
             "patch_level": int(self.patch_level),
             "downsample": np.asarray(self.downsample, dtype=np.float64),
@@ -71,10 +81,14 @@ class PatchGrid:
             "name": str(name),
             "save_path": str(save_path),
             "patch_size_level0": int(self.patch_size_level0),
-            "target_patch_size": int(self.target_patch_size),
-            "target_magnification": float(self.target_magnification),
-            "level0_magnification": float(self.slide_magnification),
+            "patch_mode": self.mode,
         }
+        if self.target_magnification is not None:
+            attrs["target_patch_size"] = int(self.target_patch_size)
+            attrs["target_magnification"] = float(self.target_magnification)
+        if self.slide_magnification is not None:
+            attrs["level0_magnification"] = float(self.slide_magnification)
+        return attrs
 
 
 def patch_footprint(patch_size: int, target_magnification: float, slide_magnification: float) -> int:

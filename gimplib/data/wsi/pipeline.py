@@ -25,13 +25,15 @@ import pandas as pd
 
 from gimplib.data.bags import bag_info, write_bag, write_bag_pt
 from gimplib.data.genes import patient_id
-from gimplib.data.wsi.patching import patch_footprint, patch_grid, read_patches_h5, write_patches_h5
+from gimplib.data.wsi.clam import ClamParams, clam_patch_grid
+from gimplib.data.wsi.patching import PatchGrid, patch_footprint, patch_grid, read_patches_h5, write_patches_h5
 from gimplib.data.wsi.slide import open_slide, read_slide_info, resolve_magnification, slide_id_of
-from gimplib.data.wsi.tissue import TissueParams, slide_tissue_mask
+from gimplib.data.wsi.tissue import TissueMask, TissueParams, slide_tissue_mask
 from gimplib.utils import DataError, atomic_path, load_json, save_json
 
 __all__ = [
     "SLIDE_EXTENSIONS",
+    "EXTRACT_MODES",
     "ExtractConfig",
     "find_slides",
     "process_slide",
@@ -41,8 +43,12 @@ __all__ = [
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 STATUS_COLUMNS = ["slide_id", "status", "n_patches", "seconds", "error", "path"]
+EXTRACT_MODES = ("clam", "field")
 # Settings that change what is in a bag; a folder must not mix bags that differ in them.
 RESULT_KEYS = (
+    "mode",
+    "clam",
+    "patch_level",
     "patch_size",
     "step_size",
     "target_magnification",
@@ -52,6 +58,7 @@ RESULT_KEYS = (
     "features",
     "encoder",
     "out_size",
+    "half",
     "max_patches",
 )
 
@@ -60,27 +67,43 @@ RESULT_KEYS = (
 class ExtractConfig:
     """Settings of :func:`process_slides` (recorded in ``extract_settings.json``).
 
+    Two modes lay the patches. ``"clam"`` (the default, as the paper follows CLAM) gives
+    the coordinates CLAM's ``create_patches_fp.py`` gives with the same settings: CLAM's
+    contours and per-contour grid, ``patch_size`` read at ``patch_level`` whatever the
+    scanner's magnification. ``"field"`` cuts a fixed field of view, ``patch_size`` at
+    ``target_magnification`` (20x by default) on every slide, for cohorts that mix 20x and
+    40x scans; it reads the scale from the metadata.
+
     Attributes:
-        patch_size: patch side at the target magnification (CLAM: 256).
-        step_size: grid step at the target magnification (None = patch_size, no overlap).
-        target_magnification: magnification of the patches (20 for 20x).
+        mode: ``"clam"`` or ``"field"``.
+        clam: CLAM's segmentation and patching settings (clam mode; default its TCGA
+            preset, see :meth:`ClamParams.from_preset`).
+        patch_level: pyramid level the patches are read at (clam mode).
+        patch_size: patch side: at ``patch_level`` (clam mode) or at the target
+            magnification (field mode); CLAM: 256.
+        step_size: grid step in the same pixels (None = patch_size, no overlap).
+        target_magnification: magnification of the patches (field mode; 20 for 20x).
         slide_magnification: level-0 magnification of every slide, overriding metadata
-            (needed only for slides with neither objective power nor mpp).
-        min_tissue: minimum tissue fraction of a kept patch.
-        tissue: segmentation settings.
+            (field mode; needed only for slides with neither objective power nor mpp).
+        min_tissue: minimum tissue fraction of a kept patch (field mode).
+        tissue: segmentation settings (field mode).
         features: embed the patches (False: masks and patches h5 only).
         weights: ResNet50 state-dict file; None = torchvision's cache.
         random_weights: random encoder (tests, timing); features are meaningless.
         seed: seed of the random encoder and of ``max_patches`` (evenly spaced, no RNG).
-        out_size: network input side.
+        out_size: network input side, CLAM's ``target_patch_size`` (224; None = no resize,
+            as CLAM before April 2024).
         batch_size: patches per forward pass.
         num_workers: DataLoader workers.
         device: "auto", "cpu", "cuda", ...
-        half: float16 autocast (None = on CUDA only).
+        half: float16 autocast on CUDA (default False: float32, as CLAM).
         max_patches: keep at most this many patches per slide, evenly spaced along
             CLAM's order (quick looks; None = all).
     """
 
+    mode: str = "clam"
+    clam: ClamParams = field(default_factory=ClamParams)
+    patch_level: int = 0
     patch_size: int = 256
     step_size: int | None = None
     target_magnification: float = 20.0
@@ -91,12 +114,25 @@ class ExtractConfig:
     weights: str | None = None
     random_weights: bool = False
     seed: int = 0
-    out_size: int = 224
+    out_size: int | None = 224
     batch_size: int = 64
     num_workers: int = 0
     device: str = "auto"
-    half: bool | None = None
+    half: bool = False
     max_patches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in EXTRACT_MODES:
+            raise DataError(f"extraction settings: mode={self.mode!r}; expected one of {EXTRACT_MODES}")
+        if isinstance(self.clam, str):
+            self.clam = ClamParams.from_preset(self.clam)
+        if self.patch_size < 1 or (self.step_size is not None and self.step_size < 1) or self.patch_level < 0:
+            raise DataError(
+                f"extraction settings: patch_size={self.patch_size}, step_size={self.step_size}, "
+                f"patch_level={self.patch_level}; expected sizes >= 1 and a level >= 0"
+            )
+        if self.out_size is not None and self.out_size < 1:
+            raise DataError(f"extraction settings: out_size={self.out_size}; expected a side >= 1 or None (no resize)")
 
 
 def find_slides(source: str | os.PathLike | Iterable[str | os.PathLike], extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
@@ -148,39 +184,12 @@ def process_slide(
     config = config or ExtractConfig()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     start = time.perf_counter()
-    slide = open_slide(slide_path)
-    try:
-        info = read_slide_info(slide, slide_path)
-        sid = info.slide_id
-        mag, _ = resolve_magnification(info, config.slide_magnification)
-        size0 = patch_footprint(config.patch_size, config.target_magnification, mag)
-        tissue = slide_tissue_mask(slide, patch_area_level0=float(size0) ** 2, params=config.tissue)
-    finally:
-        slide.close()
-    tissue.save_png(out_dir / "masks" / f"{sid}.png")
-    grid = patch_grid(
-        info,
-        tissue,
-        patch_size=config.patch_size,
-        step_size=config.step_size,
-        target_magnification=config.target_magnification,
-        slide_magnification=config.slide_magnification,
-        min_tissue=config.min_tissue,
-    )
+    grid, tissue, why_empty = (_clam_grid if config.mode == "clam" else _field_grid)(slide_path, config)
+    sid = slide_id_of(slide_path)
+    tissue.save_png(out_dir / "masks" / f"{sid}.png")  # also for a slide without patches: to see why
     if len(grid) == 0:
-        from PIL import Image
-
-        sat = np.asarray(Image.fromarray(tissue.thumbnail).convert("HSV"))[..., 1]
-        raw = float((sat > config.tissue.sthresh).mean())
-        raise DataError(
-            f"slide {slide_path}: no tissue patch ({100 * raw:.1f}% of the thumbnail is above the "
-            f"saturation threshold, {100 * tissue.tissue_fraction:.1f}% is left after dropping regions "
-            f"under a_t={config.tissue.a_t:g} patch footprints, and no {config.patch_size}px patch at "
-            f"{config.target_magnification:g}x has >= {config.min_tissue:.0%} tissue); expected stained "
-            "tissue, or lower --sthresh / --a-t / --min-tissue"
-        )
-    keep = _subsample(len(grid), config.max_patches)
-    grid.coords, grid.tissue = grid.coords[keep], grid.tissue[keep]
+        raise DataError(why_empty)
+    grid.subset(_subsample(len(grid), config.max_patches))
     write_patches_h5(out_dir / "patches" / f"{sid}.h5", grid, sid)
     if config.features:
         from gimplib.data.wsi.features import build_encoder, extract_features
@@ -194,6 +203,7 @@ def process_slide(
             level=grid.patch_level,
             read_size=grid.patch_size,
             out_size=config.out_size,
+            fill="black" if config.mode == "clam" else "white",
             batch_size=config.batch_size,
             num_workers=config.num_workers,
             device=config.device,
@@ -202,7 +212,10 @@ def process_slide(
         )
         if not np.isfinite(feats).all():
             raise DataError(f"slide {slide_path}: the encoder produced NaN/inf features")
-        write_bag(out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, out_dir / "h5_files"))
+        write_bag(
+            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, out_dir / "h5_files"),
+            coords_dtype="int32" if config.mode == "clam" else "int64",  # CLAM's extract_features_fp.py: int32
+        )
         write_bag_pt(out_dir / "pt_files" / f"{sid}.pt", feats)
     return {
         "slide_id": sid,
@@ -214,10 +227,69 @@ def process_slide(
     }
 
 
+def _clam_grid(slide_path: Path, config: ExtractConfig) -> tuple[PatchGrid, TissueMask, str]:
+    slide = open_slide(slide_path)
+    try:
+        info = read_slide_info(slide, slide_path)
+        grid, seg = clam_patch_grid(
+            slide, info, config.clam, patch_level=config.patch_level, patch_size=config.patch_size, step_size=config.step_size
+        )
+    finally:
+        slide.close()
+    tissue = TissueMask(mask=seg.mask, downsample=seg.seg_downsample, thumbnail=seg.image)
+    p = config.clam
+    why_empty = (
+            f"slide {slide_path}: no patch in CLAM mode ({len(seg.contours)} tissue contour(s) kept at level "
+            f"{seg.seg_level}: sthresh={p.sthresh}, a_t={p.a_t:g} x 512^2 level-0 pixels; CLAM writes no "
+            "patches file either); expected stained tissue, or lower --a-t / --sthresh (e.g. --a-t 4 --a-h 1 "
+            "for a small region), or another --preset"
+    )
+    return grid, tissue, why_empty
+
+
+def _field_grid(slide_path: Path, config: ExtractConfig) -> tuple[PatchGrid, TissueMask, str]:
+    slide = open_slide(slide_path)
+    try:
+        info = read_slide_info(slide, slide_path)
+        mag, _ = resolve_magnification(info, config.slide_magnification)
+        size0 = patch_footprint(config.patch_size, config.target_magnification, mag)
+        tissue = slide_tissue_mask(slide, patch_area_level0=float(size0) ** 2, params=config.tissue)
+    finally:
+        slide.close()
+    grid = patch_grid(
+        info,
+        tissue,
+        patch_size=config.patch_size,
+        step_size=config.step_size,
+        target_magnification=config.target_magnification,
+        slide_magnification=config.slide_magnification,
+        min_tissue=config.min_tissue,
+    )
+    why_empty = ""
+    if len(grid) == 0:
+        from PIL import Image
+
+        sat = np.asarray(Image.fromarray(tissue.thumbnail).convert("HSV"))[..., 1]
+        raw = float((sat > config.tissue.sthresh).mean())
+        why_empty = (
+            f"slide {slide_path}: no tissue patch ({100 * raw:.1f}% of the thumbnail is above the "
+            f"saturation threshold, {100 * tissue.tissue_fraction:.1f}% is left after dropping regions "
+            f"under a_t={config.tissue.a_t:g} patch footprints, and no {config.patch_size}px patch at "
+            f"{config.target_magnification:g}x has >= {config.min_tissue:.0%} tissue); expected stained "
+            "tissue, or lower --sthresh / --a-t / --min-tissue"
+        )
+    return grid, tissue, why_empty
+
+
 def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
     import gimplib
 
     settings = asdict(config)
+    settings["clam"] = config.clam.settings() if config.mode == "clam" else None
+    if config.mode == "clam":  # settings of the other mode do not apply; keep them out of the check
+        settings.update(tissue=None, min_tissue=None, target_magnification=None, slide_magnification=None)
+    else:
+        settings["patch_level"] = None
     settings["encoder"] = encoder_desc if config.features else None
     versions = {"gimplib": gimplib.__version__}
     for mod in ("torch", "torchvision", "openslide"):

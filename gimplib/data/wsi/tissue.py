@@ -1,4 +1,4 @@
-"""Tissue segmentation on a low-resolution copy of the slide.
+"""Tissue segmentation on a low-resolution copy of the slide (the field mode).
 
 The recipe is CLAM's (``WholeSlideImage.segmentTissue``): HSV saturation, median blur,
 a fixed threshold (or Otsu), morphological closing, then tissue regions and holes
@@ -7,6 +7,7 @@ OpenCV contours); the defaults are those of CLAM's TCGA preset. One deliberate
 difference: CLAM measures the area thresholds ``a_t`` and ``a_h`` in 512 x 512 level-0
 pixel tiles, which is 256 x 256 at 20x only on 40x scans; here the unit is one output
 patch footprint (``patch_size`` at the target magnification), the same on every scanner.
+The CLAM mode (:mod:`gimplib.data.wsi.clam`) segments with CLAM's OpenCV calls instead.
 """
 
 from __future__ import annotations
