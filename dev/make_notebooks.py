@@ -133,7 +133,9 @@ NB01 = [
     slides_dir = None  # folder of raw WSIs (.svs/.tif) to tile and featurise first; None: use the bags as they are
     slides_csv = None  # with slides_dir: CSV with case_id, slide_id, label for those slides
     gene_file = None  # gene table for the slides_dir cohort (csv/tsv/parquet, one row per case)
-    patch_size = 256  # with slides_dir: patch size in pixels at 20x
+    extract_mode = "clam"  # with slides_dir: "clam" lays patches exactly as CLAM does; "field" cuts a 20x field
+    clam_preset = "tcga"  # with slides_dir and extract_mode 'clam': CLAM's preset name or a preset CSV
+    patch_size = 256  # with slides_dir: patch side in pixels (CLAM: at level 0; field: at 20x)
     feature_weights = None  # with slides_dir: ResNet-50 state-dict file (None: torchvision's cache)
     split_sizes = [567, 189, 190]  # train/val/test patients (used as ratios), as in the paper
     n_folds = 5  # also write this many patient-grouped folds (0: none)
@@ -163,7 +165,10 @@ NB01 = [
         if slides_csv is None or gene_file is None:
             raise ValueError("slides_dir needs slides_csv (case_id, slide_id, label) and gene_file (one row per case)")
         cohort_dir = stage_dir / "wsi_cohort"
-        config = ExtractConfig(patch_size=patch_size, weights=feature_weights, device=device)
+        from gimplib.data.wsi.clam import ClamParams
+
+        config = ExtractConfig(mode=extract_mode, clam=ClamParams.from_preset(clam_preset), patch_size=patch_size,
+                               weights=feature_weights, device=device)
         status = process_slides(slides_dir, cohort_dir, config, labels=slides_csv, overwrite=overwrite)
         display(status)
         gene_copy = cohort_dir / f"genes{Path(gene_file).suffix}"
