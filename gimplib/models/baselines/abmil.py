@@ -11,6 +11,10 @@ What is the paper's and what is adapted:
       ``num_classes``-way linear layer trained with softmax cross-entropy, so the same
       engine and metrics serve every row of the comparison.
     * Batches of bags with padding are allowed: padded patches get zero attention.
+    * Official weights: :func:`gimplib.models.baselines.official.from_official` loads Ilse et
+      al.'s ``GatedAttention`` (github.com/AMLab-Amsterdam/AttentionDeepMIL; its MNIST CNN is
+      not part of this model, its 800-d output is the input here, one sigmoid output is
+      ``num_classes=1``) and PORPOISE's ``PorpoiseAMIL`` (CLAM's ``Attn_Net_Gated``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class ABMIL(nn.Module):
         num_classes: number of bag classes C.
         embed_dim: instance embedding size after the first Linear.
         attn_dim: hidden size of the gated attention.
-        dropout: dropout after the instance encoder.
+        dropout: dropout after the instance encoder (Ilse et al.: none; CLAM, PORPOISE: 0.25).
+        attn_dropout: dropout inside the gated attention (PORPOISE's AMIL: 0.25).
     """
 
     def __init__(
@@ -42,11 +47,12 @@ class ABMIL(nn.Module):
         embed_dim: int = 512,
         attn_dim: int = 128,
         dropout: float = 0.25,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
         self.in_dim = in_dim
         self.encoder = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.attention = GatedAttention(in_dim=embed_dim, hidden=attn_dim)
+        self.attention = GatedAttention(in_dim=embed_dim, hidden=attn_dim, dropout=attn_dropout)
         self.classifier = nn.Linear(embed_dim, num_classes)
 
     def forward(self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None, y: Tensor | None = None) -> dict:
