@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gimplib.models.baselines import CLAM_SB, from_official
+from gimplib.models.baselines import CLAM_SB, build_baseline, from_official
 from gimplib.models.baselines.official import OFFICIAL_SOURCES, load_official_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -102,6 +102,29 @@ def test_every_published_system_has_a_fixture():
 def test_matches_the_official_outputs(case):
     diffs = max_abs_diffs(case)
     assert diffs and all(d <= TOL for d in diffs.values()), f"{case}: max abs diff per output {diffs}"
+
+
+#: fixtures of official default constructors -> the arguments that come from the data, not the model
+DEFAULT_CASES = {
+    "abmil_porpoise": dict(in_dim=1024, num_classes=4),
+    "dsmil": dict(in_dim=64, num_classes=3),
+    "clam_sb": dict(in_dim=1024, num_classes=2),
+    "clam_mb": dict(in_dim=1024, num_classes=2),
+    "transmil": dict(in_dim=1024, num_classes=2),
+    "porpoise": dict(in_dim=1024, num_classes=4, num_genes=10),
+    "pathomic": dict(in_dim=1024, num_classes=3, num_genes=12),
+    "mcat": dict(in_dim=1024, num_classes=4, num_genes=24, group_sizes=(3, 4, 5, 2, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULT_CASES))
+def test_default_constructor_is_the_official_default(case):
+    """Our defaults build exactly the parameter shapes of the official default model."""
+    doc = load_case(case)
+    loaded = from_official(doc["system"], official_state_dict(doc))
+    default = build_baseline(doc["system"], **DEFAULT_CASES[case])
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes(default) == shapes(loaded)
 
 
 def test_loads_a_saved_checkpoint_file():

@@ -6,7 +6,10 @@ What is the paper's and what is adapted:
     * Gated attention pooling (their eq. 9) over instance embeddings: kept as is.
     * The instance encoder: the paper trains a small CNN on image patches; we start from
       frozen 1024-d CLAM-style patch features, so the encoder is one Linear + ReLU + Dropout
-      (as in every later WSI use of ABMIL, e.g. CLAM).
+      (as in every later WSI use of ABMIL). The defaults are the WSI ABMIL of the Mahmood
+      lab's code, PORPOISE's ``PorpoiseAMIL`` ("small": Linear(1024, 512), gated attention
+      512 -> 256, dropout 0.25 after the encoder and inside the attention); Ilse et al.'s
+      own widths are ``embed_dim=500, attn_dim=128, dropout=0, attn_dropout=0``.
     * The bag classifier: the paper has one sigmoid output for a binary bag label; we use a
       ``num_classes``-way linear layer trained with softmax cross-entropy, so the same
       engine and metrics serve every row of the comparison.
@@ -36,7 +39,7 @@ class ABMIL(nn.Module):
         embed_dim: instance embedding size after the first Linear.
         attn_dim: hidden size of the gated attention.
         dropout: dropout after the instance encoder (Ilse et al.: none; CLAM, PORPOISE: 0.25).
-        attn_dropout: dropout inside the gated attention (PORPOISE's AMIL: 0.25).
+        attn_dropout: dropout inside the gated attention (PORPOISE's AMIL: 0.25; Ilse et al.: none).
     """
 
     def __init__(
@@ -45,9 +48,9 @@ class ABMIL(nn.Module):
         in_dim: int = 1024,
         num_classes: int = 2,
         embed_dim: int = 512,
-        attn_dim: int = 128,
+        attn_dim: int = 256,
         dropout: float = 0.25,
-        attn_dropout: float = 0.0,
+        attn_dropout: float = 0.25,
     ):
         super().__init__()
         self.in_dim = in_dim
