@@ -6,25 +6,22 @@ the checkpoint implies, and loads it strictly. Anything that does not fit is ref
 ``ValueError`` naming the offending keys: official keys with no counterpart here, our keys
 the checkpoint lacks, and shape mismatches.
 
-======================  ==========================================  =============================================
-``name``                official class (repository)                 notes
-======================  ==========================================  =============================================
-``abmil``               ``GatedAttention`` (AMLab-Amsterdam/         Ilse et al.'s MNIST CNN is refused unless
-                        AttentionDeepMIL); ``PorpoiseAMIL``          ``drop_feature_extractor=True``; its 800-d
-                        (mahmoodlab/PORPOISE)                        output is then our input
-``dsmil``               ``MILNet(FCLayer, BClassifier)``
-                        (binli123/dsmil-wsi)
-``clam_sb``,            ``CLAM_SB``, ``CLAM_MB`` (mahmoodlab/CLAM)  gated attention only (``gate=True``)
-``clam_mb``
-``transmil``            ``TransMIL`` (szc19990412/TransMIL)
-``porpoise``            ``PorpoiseMMF``, ``fusion="bilinear"``       gate flags are not stored in a checkpoint:
-                        (mahmoodlab/PORPOISE)                        pass ``gate_path`` / ``gate_omic`` if off
-``pathomic``            ``PathomicNet`` (mahmoodlab/PathomicFusion)  loads the SNN, the fusion and the head; the
-                                                                     attention-MIL histology branch is ours and
-                                                                     keeps its initialisation
-``mcat``                ``MCAT_Surv``, ``fusion="concat"``
-                        (mahmoodlab/MCAT)
-======================  ==========================================  =============================================
+The official classes read, by ``name``:
+
+* ``abmil``: Ilse et al.'s ``GatedAttention`` (AMLab-Amsterdam/AttentionDeepMIL; its MNIST
+  CNN is refused unless ``drop_feature_extractor=True``, and its 800-d output is then our
+  input) or PORPOISE's ``PorpoiseAMIL`` (mahmoodlab/PORPOISE).
+* ``dsmil``: ``MILNet(FCLayer, BClassifier)`` (binli123/dsmil-wsi).
+* ``clam_sb``, ``clam_mb``: ``CLAM_SB``, ``CLAM_MB`` with gated attention (mahmoodlab/CLAM).
+* ``transmil``: ``TransMIL`` (szc19990412/TransMIL).
+* ``porpoise``: ``PorpoiseMMF`` with ``fusion="bilinear"`` (mahmoodlab/PORPOISE). The gate
+  switches are not stored in a checkpoint: pass ``gate_path`` / ``gate_omic`` if they were off.
+* ``pathomic``: ``PathomicNet`` (mahmoodlab/PathomicFusion). The SNN, the fusion and the head
+  are loaded; the attention-MIL histology branch is ours and keeps its initialisation
+  (:meth:`~gimplib.models.baselines.pathomic.PathomicFusion.fuse` runs the official part on
+  given embeddings). Gate switches as for PORPOISE.
+* ``mcat``: ``MCAT_Surv`` with ``fusion="concat"`` (mahmoodlab/MCAT); the gene groups'
+  sizes come from the checkpoint.
 
 Keys the official models carry but never use in their forward pass (the instance loss's
 ``labels`` buffer, Pathomic Fusion's unimodal survival head and output range) are dropped;
