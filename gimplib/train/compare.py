@@ -530,7 +530,9 @@ def _beats(runs: pd.DataFrame, a: Sequence[str], b: Sequence[str], n_test: int, 
     # one test patient, or twice the standard error of the difference of the means over seeds
     noise = max(1.0 / n_test, 2.0 * float(np.sqrt(sa[2] ** 2 / sa[3] + sb[2] ** 2 / sb[3])))
     verdict = "holds" if diff > noise else "does not hold" if diff < -noise else "cannot tell at this size"
-    label = {r.recipe: r.label for r in ROWS}
+    label: dict[str, str] = {}
+    for r in ROWS:  # a recipe in both tables is named by its first (Table 1) row
+        label.setdefault(r.recipe, r.label)
     text = (f"{label.get(sa[0], sa[0])} {sa[1]:.3f} ± {sa[2]:.3f} vs {label.get(sb[0], sb[0])} "
             f"{sb[1]:.3f} ± {sb[2]:.3f}: difference {diff:+.3f}, resolution ± {noise:.3f}")
     return dict(ours=text, verdict=verdict)
