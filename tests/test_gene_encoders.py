@@ -83,10 +83,17 @@ def test_per_fragment_at_60480_genes_stays_small():
     assert logits.shape == (2, 2) and torch.isfinite(model.fragment_weight.grad).all()
 
 
-def test_snn_input_dropout_and_depth():
+def test_snn_gene_dropout_only_in_training():
     torch.manual_seed(0)
-    model = SNN(num_genes=40, embed_dim=8, hidden=(16,), num_classes=2, dropout=0.0)
-    assert model(torch.randn(3, 40)).shape == (3, 8)
+    model = SNN(num_genes=40, embed_dim=8, hidden=(16,), num_classes=2, dropout=0.0, gene_dropout=0.5)
+    genes = torch.randn(3, 40)
+    assert model(genes).shape == (3, 8)
+    with torch.no_grad():
+        assert not torch.allclose(model(genes), model(genes))
+        model.eval()
+        torch.testing.assert_close(model(genes), model(genes))
+    with pytest.raises(ValueError, match=r"gene_dropout must be in \[0, 1\)"):
+        SNN(num_genes=40, gene_dropout=1.5)
 
 
 # --------------------------------------------------------------------------- task + linear reference
