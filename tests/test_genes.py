@@ -325,3 +325,22 @@ def test_gene_orders_are_fitted_on_train_and_travel():
     np.testing.assert_allclose(back.transform(df), clus.transform(df))
     with pytest.raises(ValueError, match="order must be one of"):
         GeneTransform(order="chromosome")
+
+
+def test_cluster_order_of_many_genes_goes_through_kmeans(monkeypatch):
+    import gimplib.data.genes as genes_mod
+
+    rng = np.random.default_rng(1)
+    factors = rng.normal(size=(80, 4))
+    # 48 genes, 12 per factor, interleaved in the table
+    values = np.stack([factors[:, i % 4] + 0.1 * rng.normal(size=80) for i in range(48)], 1)
+    df = pd.DataFrame(values.astype(np.float32), index=[f"TCGA-AB-{1000 + i}" for i in range(80)],
+                      columns=[f"ENSG{i:011d}" for i in range(48)])
+    exact = GeneTransform(transform="none", order="cluster").fit(df)
+    monkeypatch.setattr(genes_mod, "CLUSTER_EXACT_MAX", 16)  # 48 genes: k-means into 12 clusters of ~4
+    approx = GeneTransform(transform="none", order="cluster").fit(df)
+    for gt in (exact, approx):
+        assert sorted(gt.genes) == sorted(df.columns)
+        factor = [int(g[4:]) % 4 for g in gt.genes]
+        changes = sum(a != b for a, b in zip(factor, factor[1:]))
+        assert changes == 3, factor  # each factor's 12 genes form one run
