@@ -279,3 +279,68 @@ def test_top_k_var_and_gene_list_travels(tmp_path):
         gt.transform(df.drop(columns=["ENSG00000000005"]))
     with pytest.raises(RuntimeError, match="not fitted"):
         GeneTransform().transform(df)
+
+
+def test_clip_bounds_outliers_after_standardising(tmp_path):
+    df = _table(n_cases=40, n_genes=5, seed=1) - 1.0
+    df.iloc[3, 2] = 5000.0  # an outlier of the kind normalised TCGA tables carry
+    train, test = df.iloc[:30], df.iloc[30:].copy()
+    test.iloc[0, 0] = -1e4
+    plain = GeneTransform(transform="none").fit(train)
+    gt = GeneTransform(transform="none", clip=3.0).fit(train)
+    x, x_test = gt.transform(train), gt.transform(test)
+    assert x.max() == pytest.approx(3.0) and x_test.min() == pytest.approx(-3.0)
+    inside = np.abs(plain.transform(df)) < 3
+    np.testing.assert_allclose(gt.transform(df)[inside], plain.transform(df)[inside])  # only the tails move
+    back = GeneTransform.from_state_dict(gt.state_dict())
+    np.testing.assert_allclose(back.transform(test), x_test)
+    legacy = {k: v for k, v in plain.state_dict().items() if k not in ("clip", "order", "order_seed")}
+    np.testing.assert_allclose(GeneTransform.from_state_dict(legacy).transform(df), plain.transform(df))
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="clip must be a positive number"):
+            GeneTransform(clip=bad)
+
+
+def test_gene_orders_are_fitted_on_train_and_travel():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(60, 3))
+    # genes 0, 2, 4 follow one factor and 1, 3, 5 another: the cluster order puts each trio together
+    values = np.stack([base[:, i % 2] + 0.05 * rng.normal(size=60) for i in range(6)], 1)
+    df = pd.DataFrame(values.astype(np.float32), index=[f"TCGA-AB-{1000 + i}" for i in range(60)],
+                      columns=[f"ENSG{i:011d}" for i in range(6)])
+    col = GeneTransform(transform="none", order="column").fit(df)
+    assert col.genes == list(df.columns)
+    clus = GeneTransform(transform="none", order="cluster").fit(df.iloc[:40])
+    first = {int(g[-1]) % 2 for g in clus.genes[:3]}
+    assert len(first) == 1 and sorted(clus.genes) == sorted(df.columns)
+    rand = GeneTransform(transform="none", order="random", order_seed=3).fit(df)
+    assert rand.genes == GeneTransform(transform="none", order="random", order_seed=3).fit(df).genes
+    assert rand.genes != col.genes
+    # the output columns follow the fitted order, with each gene's own statistics
+    x = rand.transform(df)
+    j = rand.genes.index("ENSG00000000004")
+    np.testing.assert_allclose(x[:, j], col.transform(df)[:, 4], rtol=1e-5, atol=1e-6)
+    back = GeneTransform.from_state_dict(clus.state_dict())
+    assert back.genes == clus.genes and back.order == "cluster"
+    np.testing.assert_allclose(back.transform(df), clus.transform(df))
+    with pytest.raises(ValueError, match="order must be one of"):
+        GeneTransform(order="chromosome")
+
+
+def test_cluster_order_of_many_genes_goes_through_kmeans(monkeypatch):
+    import gimplib.data.genes as genes_mod
+
+    rng = np.random.default_rng(1)
+    factors = rng.normal(size=(80, 4))
+    # 48 genes, 12 per factor, interleaved in the table
+    values = np.stack([factors[:, i % 4] + 0.1 * rng.normal(size=80) for i in range(48)], 1)
+    df = pd.DataFrame(values.astype(np.float32), index=[f"TCGA-AB-{1000 + i}" for i in range(80)],
+                      columns=[f"ENSG{i:011d}" for i in range(48)])
+    exact = GeneTransform(transform="none", order="cluster").fit(df)
+    monkeypatch.setattr(genes_mod, "CLUSTER_EXACT_MAX", 16)  # 48 genes: k-means into 12 clusters of ~4
+    approx = GeneTransform(transform="none", order="cluster").fit(df)
+    for gt in (exact, approx):
+        assert sorted(gt.genes) == sorted(df.columns)
+        factor = [int(g[4:]) % 4 for g in gt.genes]
+        changes = sum(a != b for a, b in zip(factor, factor[1:]))
+        assert changes == 3, factor  # each factor's 12 genes form one run

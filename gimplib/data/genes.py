@@ -12,8 +12,9 @@ column per gene, Ensembl ids without their version):
   from the files (60,483 in GDC's HTSeq-FPKM), never assumed.
 
 :class:`GeneTransform` turns a table into model input (log2(x + 1) and/or per-gene
-standardisation, optionally only the most variable genes), fitted on training cases only;
-the kept gene list travels with its ``state_dict``.
+standardisation, optionally only the most variable genes, clipping of outliers and a gene
+order for GroupMSA's fragments), fitted on training cases only; the kept gene list, in its
+order, travels with its ``state_dict``.
 """
 
 from __future__ import annotations
@@ -310,16 +311,28 @@ class GeneTransform:
     Steps, in order: ``log2(x + 1)`` (``transform="log2p1"``, for FPKM/TPM/counts) or
     nothing (``"none"``, for already-normalised values such as z-scores); optionally keep
     the ``top_k_var`` genes of highest variance (after the log); optionally standardise
-    each gene to zero mean and unit variance. Every statistic comes from :meth:`fit`;
-    :meth:`transform` only applies them, selecting the kept genes by name, so a table
-    whose columns are in another order (or has extra genes) gives the same result.
+    each gene to zero mean and unit variance; optionally clip every value to
+    ``[-clip, clip]`` (normalised tables carry outliers of several thousand that would
+    otherwise dominate a model's input); finally put the genes in the ``order`` that
+    decides which genes share a GroupMSA fragment. Every statistic comes from :meth:`fit`;
+    :meth:`transform` only applies them, selecting the kept genes by name in the fitted
+    order, so a table whose columns are in another order (or has extra genes) gives the
+    same result.
 
     Args:
         transform: ``"log2p1"`` or ``"none"``.
         standardize: per-gene z-scoring with the training mean and sd.
         top_k_var: keep only this many genes, ranked by training variance (None = all).
+        clip: clip the (standardised) values to ``[-clip, clip]``; None = no clipping.
+        order: gene order of the output: ``"column"`` (the table's), ``"random"`` (a fixed
+            permutation drawn with ``order_seed``) or ``"cluster"`` (co-expression order:
+            average-linkage clustering of the training genes on ``1 - |correlation|``, so
+            correlated genes sit side by side).
+        order_seed: seed of the ``"random"`` order.
         eps: a gene whose training sd is below this is only centred (sd taken as 1).
     """
+
+    ORDERS = ("column", "random", "cluster")
 
     def __init__(
         self,
@@ -327,15 +340,25 @@ class GeneTransform:
         transform: str = "log2p1",
         standardize: bool = True,
         top_k_var: int | None = None,
+        clip: float | None = None,
+        order: str = "column",
+        order_seed: int = 0,
         eps: float = 1e-6,
     ) -> None:
         if transform not in ("log2p1", "none"):
             raise ValueError(f"transform must be 'log2p1' or 'none', not {transform!r}")
         if top_k_var is not None and top_k_var < 1:
             raise ValueError(f"top_k_var must be a positive int or None, not {top_k_var!r}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be a positive number or None, not {clip!r}")
+        if order not in self.ORDERS:
+            raise ValueError(f"order must be one of {self.ORDERS}, not {order!r}")
         self.transform_name = transform
         self.standardize = standardize
         self.top_k_var = top_k_var
+        self.clip = None if clip is None else float(clip)
+        self.order = order
+        self.order_seed = order_seed
         self.eps = eps
         self.genes: list[str] | None = None
         self.mean: np.ndarray | None = None
@@ -345,7 +368,7 @@ class GeneTransform:
         kept = "unfitted" if self.genes is None else f"{len(self.genes)} genes"
         return (
             f"GeneTransform(transform={self.transform_name!r}, standardize={self.standardize}, "
-            f"top_k_var={self.top_k_var}, {kept})"
+            f"top_k_var={self.top_k_var}, clip={self.clip}, order={self.order!r}, {kept})"
         )
 
     @property
@@ -386,12 +409,26 @@ class GeneTransform:
             var = x.var(axis=0, dtype=np.float64)
             keep = np.sort(np.argpartition(-var, self.top_k_var - 1)[: self.top_k_var])
             x, genes = x[:, keep], genes[keep]
-        self.genes = list(genes)
         if self.standardize:
-            self.mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+            mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = x.std(axis=0, dtype=np.float64).astype(np.float32)
-            self.std = np.where(std < self.eps, np.float32(1.0), std)
+            std = np.where(std < self.eps, np.float32(1.0), std)
+        perm = self._order(x if not self.standardize else (x - mean) / std)
+        self.genes = list(genes[perm])
+        if self.standardize:
+            self.mean, self.std = mean[perm], std[perm]
         return self
+
+    def _order(self, x: np.ndarray) -> np.ndarray:
+        """Permutation of the kept genes (columns of the training matrix ``x``)."""
+        n = x.shape[1]
+        if self.order == "random":
+            return np.random.default_rng(self.order_seed).permutation(n)
+        if self.order == "cluster" and n > 2:
+            if self.clip is not None:
+                x = np.clip(x, -self.clip, self.clip)
+            return _coexpression_order(x, seed=self.order_seed)
+        return np.arange(n)
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         """Apply the fitted transform.
@@ -414,6 +451,8 @@ class GeneTransform:
         if self.standardize:
             x -= self.mean
             x /= self.std
+        if self.clip is not None:
+            np.clip(x, -self.clip, self.clip, out=x)
         return x
 
     def fit_transform(self, df: pd.DataFrame) -> np.ndarray:
@@ -427,6 +466,9 @@ class GeneTransform:
             "transform": self.transform_name,
             "standardize": self.standardize,
             "top_k_var": self.top_k_var,
+            "clip": self.clip,
+            "order": self.order,
+            "order_seed": self.order_seed,
             "eps": self.eps,
             "genes": list(self.genes),
             "mean": None if self.mean is None else torch.from_numpy(self.mean.copy()),
@@ -440,6 +482,9 @@ class GeneTransform:
             transform=state["transform"],
             standardize=state["standardize"],
             top_k_var=state["top_k_var"],
+            clip=state.get("clip"),  # absent in transforms saved before clipping existed
+            order=state.get("order", "column"),
+            order_seed=state.get("order_seed", 0),
             eps=state["eps"],
         )
         obj.genes = list(state["genes"])
@@ -447,6 +492,56 @@ class GeneTransform:
             obj.mean = np.asarray(state["mean"], dtype=np.float32)
             obj.std = np.asarray(state["std"], dtype=np.float32)
         return obj
+
+
+#: above this many genes the co-expression order is computed per k-means cluster of genes
+#: (the exact clustering needs a genes x genes matrix: 29 GB in float64 at 60,480 genes)
+CLUSTER_EXACT_MAX = 8000
+
+
+def _linkage_order(x: np.ndarray) -> np.ndarray:
+    """Leaf order of average-linkage clustering of the columns of ``x`` on 1 - |correlation|."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if x.shape[1] <= 2:
+        return np.arange(x.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(np.corrcoef(x, rowvar=False), nan=0.0)  # constant genes: no correlation
+    dist = np.clip(1.0 - np.abs(corr), 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    return leaves_list(linkage(squareform(dist, checks=False), method="average"))
+
+
+def _coexpression_order(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Gene order that puts co-expressed genes (columns of the training matrix ``x``) side by side.
+
+    Up to :data:`CLUSTER_EXACT_MAX` genes: the leaf order of average-linkage clustering on
+    ``1 - |correlation|``. Above: k-means of the genes' standardised profiles into clusters
+    of about ``CLUSTER_EXACT_MAX / 4`` genes, the clusters in the leaf order of their
+    centroids, and each cluster ordered exactly (a cluster still too large is ordered by
+    its genes' loading on the cluster's first principal component).
+    """
+    n = x.shape[1]
+    if n <= CLUSTER_EXACT_MAX:
+        return _linkage_order(x)
+    from sklearn.cluster import KMeans
+
+    z = x - x.mean(0)
+    z /= np.maximum(np.linalg.norm(z, axis=0), 1e-12)
+    k = int(np.ceil(n / max(CLUSTER_EXACT_MAX // 4, 1)))
+    labels = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(z.T).labels_
+    present = np.unique(labels)
+    centroids = np.stack([z[:, labels == c].mean(1) for c in present], 1)
+    order = []
+    for c in present[_linkage_order(centroids)]:
+        members = np.flatnonzero(labels == c)
+        if len(members) <= CLUSTER_EXACT_MAX:
+            order.append(members[_linkage_order(x[:, members])])
+        else:
+            _, _, vt = np.linalg.svd(z[:, members], full_matrices=False)
+            order.append(members[np.argsort(vt[0])])
+    return np.concatenate(order)
 
 
 # The GDC reader builds on the helpers above; imported last to keep the public name here too.

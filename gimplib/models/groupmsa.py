@@ -100,6 +100,11 @@ class GroupMSA(nn.Module):
         intra_depth: transformer blocks inside each group.
         inter_depth: transformer blocks across group tokens + CLS.
         mlp_ratio: MLP width of the blocks relative to ``embed_dim``.
+        fragment_proj: ``"per_fragment"`` gives every fragment its own ``fragment_size x
+            embed_dim`` projection, so every gene has its own weights; ``"shared"`` uses one
+            projection for all fragments (genes at the same offset of different fragments
+            then share weights and are told apart only by the fragment position embedding).
+        gene_dropout: during training, zero this share of the input genes (regularisation).
     """
 
     def __init__(
@@ -115,12 +120,18 @@ class GroupMSA(nn.Module):
         intra_depth: int = 1,
         inter_depth: int = 1,
         mlp_ratio: float = 2.0,
+        fragment_proj: str = "shared",
+        gene_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_genes < 1 or fragment_size < 1 or num_groups < 1:
             raise ValueError(
                 f"num_genes, fragment_size and num_groups must be positive, got {num_genes}, {fragment_size}, {num_groups}"
             )
+        if fragment_proj not in ("per_fragment", "shared"):
+            raise ValueError(f"fragment_proj must be 'per_fragment' or 'shared', not {fragment_proj!r}")
+        if not 0.0 <= gene_dropout < 1.0:
+            raise ValueError(f"gene_dropout must be in [0, 1), not {gene_dropout!r}")
         if inter_depth < 1:
             raise ValueError("inter_depth must be >= 1 (the CLS token is read from the inter-group blocks)")
         self.num_genes = num_genes
@@ -130,7 +141,14 @@ class GroupMSA(nn.Module):
         self.num_fragments = ceil(num_genes / fragment_size)
         self.group_size = ceil(self.num_fragments / num_groups)  # fragments per group
 
-        self.to_fragment = nn.Linear(fragment_size, embed_dim)
+        self.fragment_proj = fragment_proj
+        if fragment_proj == "shared":
+            self.to_fragment = nn.Linear(fragment_size, embed_dim)
+        else:  # one (fragment_size, embed_dim) matrix per fragment, nn.Linear's initialisation
+            bound = fragment_size**-0.5
+            self.fragment_weight = nn.Parameter(torch.empty(self.num_fragments, fragment_size, embed_dim).uniform_(-bound, bound))
+            self.fragment_bias = nn.Parameter(torch.empty(self.num_fragments, embed_dim).uniform_(-bound, bound))
+        self.gene_dropout = nn.Dropout(gene_dropout)
         self.fragment_pos = nn.Parameter(torch.randn(self.num_fragments, embed_dim) * 0.02)
         self.group_tokens = nn.Parameter(torch.randn(num_groups, embed_dim) * 0.02)
         self.cls_token = nn.Parameter(torch.randn(embed_dim) * 0.02)
@@ -171,7 +189,12 @@ class GroupMSA(nn.Module):
 
         # fragments: zero-pad the last one, project, add fragment positions
         genes = F.pad(genes, (0, self.num_fragments * self.fragment_size - self.num_genes))
-        x = self.to_fragment(rearrange(genes, "b (f s) -> b f s", s=self.fragment_size)) + self.fragment_pos
+        genes = rearrange(self.gene_dropout(genes), "b (f s) -> b f s", s=self.fragment_size)
+        if self.fragment_proj == "shared":
+            x = self.to_fragment(genes)
+        else:
+            x = torch.einsum("b f s, f s d -> b f d", genes, self.fragment_weight) + self.fragment_bias
+        x = x + self.fragment_pos
 
         # groups: pad empty slots, prepend a group token to each group
         x = F.pad(x, (0, 0, 0, self.num_groups * self.group_size - self.num_fragments))

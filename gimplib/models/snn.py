@@ -26,6 +26,8 @@ class SNN(nn.Module):
         hidden: widths of the ``Linear -> SELU -> AlphaDropout`` blocks.
         dropout: AlphaDropout rate (PORPOISE uses 0.25).
         num_classes: when given, a linear head for supervised pretraining (:meth:`classify`).
+        gene_dropout: during training, zero this share of the input genes (plain dropout on
+            the input, as GroupMSA's ``gene_dropout``; 0 = off, as in PORPOISE).
     """
 
     def __init__(
@@ -36,8 +38,11 @@ class SNN(nn.Module):
         hidden: tuple[int, ...] = (256, 256),
         dropout: float = 0.25,
         num_classes: int | None = None,
+        gene_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= gene_dropout < 1.0:
+            raise ValueError(f"gene_dropout must be in [0, 1), not {gene_dropout!r}")
         self.num_genes = num_genes
         self.embed_dim = embed_dim
         blocks: list[nn.Module] = []
@@ -45,6 +50,7 @@ class SNN(nn.Module):
         for h in hidden:
             blocks += [nn.Linear(width, h), nn.SELU(), nn.AlphaDropout(dropout)]
             width = h
+        self.gene_dropout = nn.Dropout(gene_dropout)
         self.blocks = nn.Sequential(*blocks)
         self.proj = nn.Linear(width, embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if exists(num_classes) else None
@@ -66,7 +72,7 @@ class SNN(nn.Module):
         """
         assert genes.ndim == 2, f"genes must be (b, g), got shape {tuple(genes.shape)}"
         assert genes.shape[1] == self.num_genes, f"SNN was built for {self.num_genes} genes, got {genes.shape[1]}"
-        cls = self.proj(self.blocks(genes))
+        cls = self.proj(self.blocks(self.gene_dropout(genes)))
         return (cls, None) if return_attn else cls
 
     def classify(self, genes: Tensor) -> Tensor:

@@ -117,6 +117,8 @@ def train_gene_encoder(
     gene_transform: str = "log2p1",
     standardize: bool = True,
     top_k_var: int | None = None,
+    clip: float | None = None,
+    gene_order: str = "column",
     num_epochs: int = 50,
     batch_size: int = 32,
     select: str = "accuracy",
@@ -139,6 +141,9 @@ def train_gene_encoder(
         encoder: ``"groupmsa"`` or ``"snn"``.
         encoder_kwargs: constructor arguments of the encoder (``num_genes``/``num_classes`` are set here).
         gene_transform, standardize, top_k_var: the :class:`GeneTransform` settings.
+        clip: clip the standardised values to ``[-clip, clip]`` (None: no clipping).
+        gene_order: ``"column"``, ``"random"`` or ``"cluster"``: which genes share a
+            fragment (:class:`GeneTransform` ``order``; the random order is drawn with ``seed``).
         num_epochs, batch_size: training length and batch.
         select: validation metric that picks the best epoch (``accuracy``, ``auc``, ``loss`` ...).
         device, num_workers, overwrite, progress: runtime options.
@@ -154,14 +159,15 @@ def train_gene_encoder(
     out_dir = Path(out_dir)
     callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
     opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
-    transform = dict(transform=gene_transform, standardize=standardize, top_k_var=top_k_var)
+    transform = gene_transform_settings(gene_transform=gene_transform, standardize=standardize, top_k_var=top_k_var,
+                                        clip=clip, gene_order=gene_order, seed=opts["seed"])
     config = make_config("genes", cohort, split, encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}),
                          gene_transform=transform, select=select, **opts)
     done = prepare_run(out_dir, config, overwrite)
     if done:
         return done
     seed_everything(opts["seed"], opts["deterministic"])
-    gt = fit_gene_transform(cohort, split["train"], **transform)
+    gt = _fit_transform(cohort, split["train"], transform)
     kwargs = {**config["encoder_kwargs"], "num_genes": gt.num_genes, "num_classes": len(cohort.label_names)}
     net = build_gene_encoder(encoder, **kwargs)
     parts = {p: list(split[p]) for p in ("train", "val", "test") if split.get(p)}
@@ -171,6 +177,32 @@ def train_gene_encoder(
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=None, opts=opts,
                           select=select, extras=extras, device=device, num_workers=num_workers,
                           progress=progress, eval_batch_size=max(batch_size, 64), callbacks=callbacks)
+
+
+def gene_transform_settings(*, gene_transform: str = "log2p1", standardize: bool = True, top_k_var: int | None = None,
+                            clip: float | None = None, gene_order: str = "column", seed: int = 0) -> dict[str, Any]:
+    """:class:`~gimplib.data.genes.GeneTransform` keywords of a gene-encoder run (as stored in its config).
+
+    The keys of the original three settings come first; ``clip`` and ``order`` are only
+    added when used, so configs of runs without them stay as they were.
+    """
+    out: dict[str, Any] = dict(transform=gene_transform, standardize=standardize, top_k_var=top_k_var)
+    if exists(clip):
+        out["clip"] = float(clip)
+    if gene_order != "column":
+        out.update(order=gene_order, order_seed=int(seed))
+    from gimplib.data.genes import GeneTransform
+
+    GeneTransform(**out)  # a bad value fails here, before the run folder is touched
+    return out
+
+
+def _fit_transform(cohort: Any, train_ids: Sequence[str], settings: Mapping[str, Any]) -> Any:
+    from gimplib.data.genes import GeneTransform
+
+    if not cohort.has_genes:
+        return fit_gene_transform(cohort, train_ids, transform="none", standardize=True, top_k_var=None)  # names the cohort
+    return GeneTransform(**settings).fit(cohort.genes.loc[list(train_ids)])
 
 
 # --------------------------------------------------------------------------- baselines
