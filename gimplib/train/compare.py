@@ -173,8 +173,12 @@ class SweepConfig:
             widths: ABMIL, CLAM, TransMIL, PORPOISE and MCAT take ``embed_dim``; DSMIL and
             Pathomic Fusion keep their own small defaults).
         decoder_hidden: hidden width of the MPM decoder.
-        gene_embed_dim, fragment_size, num_groups: the gene encoders (GroupMSA; SNN uses
-            ``gene_embed_dim``). ``gene_embed_dim=None`` (default) gives them the aggregator's
+        gene_embed_dim, fragment_size, num_groups, fragment_proj, gene_dropout: the gene
+            encoders (GroupMSA; SNN uses ``gene_embed_dim``); the defaults of the last two are
+            the ones 5-fold CV chose on real TCGA expression (book page genes_real).
+        gene_clip, gene_order: the gene transform of every row that reads genes (clipping of
+            the standardised values; genes ordered into fragments by co-expression clusters
+            fitted on the training patients). ``gene_embed_dim=None`` (default) gives them the aggregator's
             ``embed_dim``: the paper's two encoders share one width d, so ``CLS_pat`` is 2d.
         finetune_gene_encoder: fine-tune the pre-trained gene encoder together with the rest
             (False, the default, keeps it frozen as during pre-training).
@@ -202,6 +206,10 @@ class SweepConfig:
     gene_embed_dim: int | None = None
     fragment_size: int = 256
     num_groups: int = 16
+    fragment_proj: str = "per_fragment"
+    gene_dropout: float = 0.5
+    gene_clip: float | None = 5.0
+    gene_order: str = "cluster"
     gene_epochs: int = 50
     pretrain_epochs: int = 100
     finetune_epochs: int = 70
@@ -222,7 +230,8 @@ class SweepConfig:
     def gene_kwargs(self, gene: str) -> dict[str, Any]:
         width = self.embed_dim if self.gene_embed_dim is None else self.gene_embed_dim
         if gene == "groupmsa":
-            return dict(fragment_size=self.fragment_size, num_groups=self.num_groups, embed_dim=width)
+            return dict(fragment_size=self.fragment_size, num_groups=self.num_groups, embed_dim=width,
+                        fragment_proj=self.fragment_proj, gene_dropout=self.gene_dropout)
         return dict(embed_dim=width)
 
     def baseline_kwargs(self, name: str) -> dict[str, Any]:
@@ -276,6 +285,7 @@ def _train_gene_encoder(cohort: Any, split: Mapping, gene: str, seed: int, fold:
 
     return train_gene_encoder(
         cohort, split, encoder=gene, encoder_kwargs=cfg.gene_kwargs(gene), num_epochs=cfg.gene_epochs,
+        clip=cfg.gene_clip, gene_order=cfg.gene_order,
         batch_size=32, seed=seed, out_dir=_gene_dir(out_root, gene, seed, fold), lr=cfg.lr,
         weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite, progress=cfg.progress,
     ).checkpoint
@@ -303,11 +313,13 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
     if kind == "baseline":
         if cfg.baseline_lr is not None:
             fit["lr"] = cfg.baseline_lr
-        train_baseline(opt["name"], cohort, split, model_kwargs=cfg.baseline_kwargs(opt["name"]), **fit)
+        genes = dict(clip=cfg.gene_clip, gene_order=cfg.gene_order)  # only read by the fusion systems
+        train_baseline(opt["name"], cohort, split, model_kwargs=cfg.baseline_kwargs(opt["name"]), **genes, **fit)
         return out
     if kind == "fusion":
         model_kwargs = dict(cfg.aggregator(), gene_encoder=opt["gene"], gene_kwargs=cfg.gene_kwargs(opt["gene"]))
-        train_baseline("gimp_fusion", cohort, split, model_kwargs=model_kwargs, **fit)
+        train_baseline("gimp_fusion", cohort, split, model_kwargs=model_kwargs, clip=cfg.gene_clip,
+                       gene_order=cfg.gene_order, **fit)
         return out
     if kind == "aggregator":  # supervised on slides alone, no pre-training
         finetune(cohort, split, aggregator_kwargs=cfg.aggregator(), **fit)

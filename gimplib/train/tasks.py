@@ -219,6 +219,8 @@ def train_baseline(
     gene_transform: str = "log2p1",
     standardize: bool = True,
     top_k_var: int | None = None,
+    clip: float | None = None,
+    gene_order: str = "column",
     input: str = "bag",
     window_len: int = 6000,
     max_patches: int | None = None,
@@ -241,7 +243,8 @@ def train_baseline(
         model_kwargs: constructor arguments (``in_dim``, ``num_classes`` and, for fusion
             systems, ``num_genes`` are filled in).
         use_genes: feed genes (None: exactly when the system is a fusion system).
-        gene_transform, standardize, top_k_var: the :class:`GeneTransform` settings.
+        gene_transform, standardize, top_k_var, clip, gene_order: the :class:`GeneTransform`
+            settings, as for :func:`train_gene_encoder`.
         input, window_len, max_patches, num_epochs, batch_size, select: as for :func:`finetune`.
         device, num_workers, overwrite, progress: runtime options.
         **common: as for :func:`train_gene_encoder`.
@@ -261,7 +264,8 @@ def train_baseline(
     genes = BASELINE_KINDS[key] != "pathology" if use_genes is None else bool(use_genes)
     callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
     opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
-    transform = dict(transform=gene_transform, standardize=standardize, top_k_var=top_k_var) if genes else None
+    transform = gene_transform_settings(gene_transform=gene_transform, standardize=standardize, top_k_var=top_k_var,
+                                        clip=clip, gene_order=gene_order, seed=opts["seed"]) if genes else None
     config = make_config("baseline", cohort, split, name=key, model_kwargs=dict(model_kwargs or {}),
                          gene_transform=transform, input=input, window_len=window_len, max_patches=max_patches,
                          select=select, **opts)
@@ -269,7 +273,7 @@ def train_baseline(
     if done:
         return done
     seed_everything(opts["seed"], opts["deterministic"])
-    gt = fit_gene_transform(cohort, split["train"], **transform) if genes else None
+    gt = _fit_transform(cohort, split["train"], transform) if genes else None
     build = {"in_dim": cohort.feat_dim, "num_classes": len(cohort.label_names)}
     if genes:
         build["num_genes"] = gt.num_genes
