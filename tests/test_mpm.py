@@ -253,3 +253,25 @@ def test_init_decoder_bias_makes_the_first_reconstruction_the_mean_patch():
         model.init_decoder_bias(torch.full((D_IN,), math.nan))
     with pytest.raises(RuntimeError, match="use_mpm"):
         _mpm(use_mpm=False, use_triplet=True).init_decoder_bias(mean_patch)
+
+
+# ------------------------------------------------------------------------- the pretraining run
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_pretraining_logs_mpm_l1_and_references_on_the_same_masks(smoke, tmp_path, reduction):
+    from gimplib.train import load_checkpoint, pretrain_gimp
+
+    cohort, split = smoke
+    kw = dict(embed_dim=16, num_heads=2, num_landmarks=8, decoder_hidden=32, use_triplet=False, rec_reduction=reduction)
+    run = pretrain_gimp(cohort, split, out_dir=tmp_path / "mpm", model_kwargs=kw, window_len=32, num_epochs=2,
+                        batch_size=6, lr=1e-3, device="cpu", progress=False, n_boot=10)
+    m = run.metrics
+    for key in ("val_rec_l1", "val_ref_window_mean", "val_ref_nearest", "val_ref_mean_patch"):
+        assert math.isfinite(m[key]) and m[key] > 0, key
+    per_value = 1.0 if reduction == "mean" else 1.0 / (16 * cohort.feat_dim)  # 16 of 32 masked per window
+    assert m["val_rec_l1"] == pytest.approx(m["val_loss_rec"] * per_value, rel=1e-5)
+    # the references do not depend on the model: the same windows and masks every epoch
+    hist = run.history
+    assert hist["val_ref_window_mean"].nunique() == 1 and hist["val_ref_mean_patch"].nunique() == 1
+    assert load_checkpoint(run.checkpoint)["config"]["model_kwargs"]["rec_reduction"] == reduction
