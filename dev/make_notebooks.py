@@ -474,10 +474,13 @@ NB03 = [
     \tag{3}
     $$
 
-    The code offers Eq. 3 as written (`rec_reduction = "sum"`, averaged over the windows of a
-    mini-batch) and, as our choice, its mean per masked value
-    (`rec_reduction = "mean"`, Eq. 3 divided by $|M| \cdot 1024$): an L1 per feature, which is
-    what every figure on this page reports and what stage 04 adds to the triplet loss.
+    The code offers Eq. 3 as written (`rec_reduction = "sum"`, the default here; the windows of
+    a mini-batch are averaged, which the paper does not specify) and, as our option, its mean
+    per masked value (`rec_reduction = "mean"`, Eq. 3 divided by $|M| \cdot 1024$). Trained
+    alone with AdamW the two give the same model (a constant factor on the loss changes almost
+    nothing in Adam's steps); they differ in stage 04, where $\mathcal{L}_{rec}$ is added to the
+    triplet loss unweighted. Whichever trains the model, the figures on this page report the
+    L1 **per feature** of the masked patches, so that they can be compared with the references.
 
     Because windows are contiguous in CLAM's patch order, a masked patch's neighbours in the
     window are mostly its spatial neighbours: the model can learn tissue context, as masked
@@ -513,7 +516,7 @@ NB03 = [
     num_heads = 8  # attention heads
     num_landmarks = 256  # Nystrom landmarks
     decoder_hidden = 512  # hidden width of the light MPM decoder (not given in the paper)
-    rec_reduction = "mean"  # "sum": Eq. 3 as written; "mean": per masked value (ours)
+    rec_reduction = "sum"  # "sum": Eq. 3 as written; "mean": per masked value (ours)
     num_epochs = 100  # pre-training epochs
     lr = 1e-4  # AdamW learning rate (cosine schedule)
     weight_decay = 1e-2  # AdamW weight decay
@@ -589,7 +592,7 @@ NB03 = [
       embeddings from the other half (Eq. 3, L1 on masked positions only).
     - Choices the paper leaves open, all parameters here: a learnable mask token at the input
       (the masked patches are replaced, not dropped), a light MLP decoder, the window from a
-      random start each epoch, Eq. 3 per masked value (`rec_reduction`).
+      random start each epoch, how Eq. 3 is batched (`rec_reduction`).
     - Ours, and needed for MPM to learn from context at all: the decoder's output layer starts
       at 1 % of PyTorch's default initialisation, with its bias at the training windows' mean
       patch. With the default initialisation the first reconstructions are random patterns
