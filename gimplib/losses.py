@@ -127,17 +127,27 @@ def triplet_loss(
     return losses[active].mean()
 
 
-def masked_l1(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def masked_l1(pred: Tensor, target: Tensor, mask: Tensor, *, reduction: str = "mean") -> Tensor:
     """L1 reconstruction loss on the masked positions only (Eq. 3).
 
-    Normalisation: the mean of ``|pred - target|`` over the masked positions of the whole
-    batch and over the feature dimensions, i.e. ``sum |.| / (n_masked * D)``. Samples with
-    more masked positions weigh more, as in MAE/SimMIM.
+    The paper's Eq. 3 is, per window, ``sum_j 1[j masked] * ||h_j - h^_j||_1``: a *sum* over
+    the masked positions of L1 norms over the feature dimensions. Two reductions:
+
+    * ``"sum"``: Eq. 3 exactly for each window, averaged over the windows of the batch
+      (the paper does not say how windows are batched; averaging keeps the loss of a
+      window independent of the batch size), i.e. ``sum |.| / b``. Its scale is
+      ``n_masked_per_window * D`` times that of ``"mean"`` (about 131,000 for
+      ``L = 256``, ``D = 1024``; 3.1 million at the paper's ``L = 6000``).
+    * ``"mean"`` (default, ours): the mean of ``|pred - target|`` over the masked positions
+      of the whole batch and over the feature dimensions, ``sum |.| / (n_masked * D)``, the
+      MAE/SimMIM convention; an L1 per feature, comparable across window lengths and
+      widths. Samples with more masked positions weigh more.
 
     Args:
         pred: (b, n, D) reconstructions.
         target: (b, n, D) original features.
         mask: (b, n) bool, True where a position was masked (and must be reconstructed).
+        reduction: ``"mean"`` or ``"sum"``.
 
     Returns:
         Scalar loss; exactly 0 (with a zero gradient path) when nothing is masked.
@@ -148,11 +158,16 @@ def masked_l1(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     assert mask.shape == pred.shape[:2] and mask.dtype == torch.bool, (
         f"mask must be bool (b, n) = {tuple(pred.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
     )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     n_masked = mask.sum()
     if n_masked == 0:
         return _zero_like_graph(pred)
-    err = (pred - target).abs().sum(-1)  # (b, n)
-    return (err * mask).sum() / (n_masked * pred.shape[-1])
+    err = (pred - target).abs().sum(-1)  # (b, n): L1 norm per position
+    total = (err * mask).sum()
+    if reduction == "sum":
+        return total / pred.shape[0]
+    return total / (n_masked * pred.shape[-1])
 
 
 def info_nce(a: Tensor, b: Tensor, *, temperature: float = 0.07, symmetric: bool = True) -> Tensor:

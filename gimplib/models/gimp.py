@@ -6,8 +6,10 @@ Pretraining (:class:`GiMP`), per mini-batch of windows of patch features:
    are chosen uniformly at random per sample; their projected tokens are replaced by a
    learnable mask token, the aggregator runs on the whole sequence, and a light decoder
    reconstructs the original ``in_dim`` features; ``L_rec`` is the L1 error on the masked
-   positions only (Eq. 3; :func:`gimplib.losses.masked_l1` -- mean over masked positions
-   and feature dimensions).
+   positions only (Eq. 3; :func:`gimplib.losses.masked_l1`): ``rec_reduction="mean"``
+   (default, ours) averages over masked positions and feature dimensions,
+   ``rec_reduction="sum"`` is Eq. 3 as written (a sum over masked positions of L1 norms),
+   averaged over the windows of a batch.
 2. Gene-induced triplets: ``L_tri`` (Eq. 4) on ``concat(CLS_img, CLS_ge)`` with squared
    L2 distances and margin 0.8, triplets mined from the labels of the batch. ``CLS_ge``
    comes from a gene encoder pretrained beforehand and *frozen* here (eval mode,
@@ -38,6 +40,14 @@ Choices the paper leaves open (constructor arguments):
 * Mining ``"all"`` (batch-all) with the ``"active"`` reduction; ``"hard"`` is available
   (see :func:`gimplib.losses.triplet_loss`).
 * Number of masked positions: ``floor(mask_ratio * n_valid)`` per sample.
+* Decoder initialisation (ours): the output layer starts at ``DECODER_OUT_INIT_SCALE``
+  (1 %) of PyTorch's default, and :meth:`GiMP.init_decoder_bias` sets its bias to the
+  training patches' mean (``pretrain_gimp`` does). With the default initialisation the
+  first reconstructions are random patterns around 0 while the features sit around 0.5;
+  training removed that error fastest by making every output token alike, and stayed
+  there: on the demo cohort the validation L1 was 0.202 after 40 epochs, against 0.180
+  for the mean of the window's visible patches; with this initialisation, 0.149
+  (issue 19, measured).
 
 Fine-tuning (:class:`GiMPClassifier`): an MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)``
 of the (pretrained) aggregator and the gene encoder, i.e. image-omic classification as in
@@ -60,7 +70,11 @@ from gimplib.models.aggregator import PatchAggregator
 from gimplib.models.heads import MLPHead
 from gimplib.utils import exists
 
-__all__ = ["GiMP", "GiMPClassifier", "aggregator_state_dict", "random_patch_mask"]
+__all__ = ["GiMP", "GiMPClassifier", "aggregator_state_dict", "mpm_reference_l1", "random_patch_mask"]
+
+
+#: Factor on PyTorch's default initialisation of the decoder's output weights (ours, issue 19).
+DECODER_OUT_INIT_SCALE = 0.01
 
 
 def random_patch_mask(valid: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
@@ -82,6 +96,51 @@ def random_patch_mask(valid: Tensor, ratio: float, generator: torch.Generator | 
     return rank < n_mask[:, None]
 
 
+@torch.no_grad()
+def mpm_reference_l1(
+    feats: Tensor, mask: Tensor | None, mpm_mask: Tensor, mean_patch: Tensor | None = None
+) -> dict[str, Tensor]:
+    """L1 per feature on the masked positions of three reconstructions that need no training.
+
+    * ``window_mean``: the mean of the window's visible (valid, unmasked) patches;
+    * ``nearest``: the nearest visible patch in sequence order (ties: the earlier one);
+    * ``mean_patch``: a fixed patch (the training set's mean), no context at all.
+
+    MPM has learned something from context only if it beats the first two. Each value is
+    ``sum |.| / (n_masked * D)``, as :func:`gimplib.losses.masked_l1` with ``"mean"``.
+
+    Args:
+        feats: (b, n, D) windows of patch features.
+        mask: (b, n) bool, True for valid patches (None: all valid).
+        mpm_mask: (b, n) bool, the masked positions (a subset of the valid ones).
+        mean_patch: (D,) the constant reconstruction; None leaves ``mean_patch`` out.
+
+    Returns:
+        dict of scalar tensors ``window_mean``, ``nearest`` (and ``mean_patch``).
+    """
+    assert feats.ndim == 3, f"feats must be (b, n, D), got shape {tuple(feats.shape)}"
+    b, n, _ = feats.shape
+    valid = mask if exists(mask) else torch.ones(b, n, dtype=torch.bool, device=feats.device)
+    assert mpm_mask.shape == (b, n) and mpm_mask.dtype == torch.bool, (
+        f"mpm_mask must be bool (b, n) = {(b, n)}, got {mpm_mask.dtype} {tuple(mpm_mask.shape)}"
+    )
+    visible = valid & ~mpm_mask
+    if not bool(visible.any(dim=1).all()):
+        raise ValueError("every window needs at least one visible patch for the reference reconstructions")
+    window_mean = (feats * visible[..., None]).sum(1) / visible.sum(1, keepdim=True)
+    out = {"window_mean": masked_l1(window_mean[:, None].expand_as(feats), feats, mpm_mask)}
+    # nearest visible position on each side: running max / min of the visible indices
+    pos = torch.arange(n, device=feats.device).expand(b, n)
+    left = torch.where(visible, pos, -1).cummax(dim=1).values
+    right = torch.where(visible, pos, n).flip(1).cummin(dim=1).values.flip(1)
+    use_left = (left >= 0) & ((right >= n) | (pos - left <= right - pos))
+    nearest = torch.where(use_left, left, right).clamp(0, n - 1)
+    out["nearest"] = masked_l1(feats.gather(1, nearest[..., None].expand_as(feats)), feats, mpm_mask)
+    if exists(mean_patch):
+        out["mean_patch"] = masked_l1(mean_patch.to(feats).expand_as(feats), feats, mpm_mask)
+    return out
+
+
 class GiMP(nn.Module):
     """GiMP pretraining model: Nystrom aggregator + MPM decoder + frozen gene encoder.
 
@@ -98,6 +157,8 @@ class GiMP(nn.Module):
         normalize: ``"l2"`` (each CLS L2-normalised before concatenation) or ``"none"``.
         triplet_input: ``"masked"`` (CLS from the MPM pass) or ``"full"`` (extra unmasked pass).
         decoder_hidden: hidden width of the MPM decoder MLP.
+        rec_reduction: ``"mean"`` (L1 per feature, ours) or ``"sum"`` (Eq. 3 as written,
+            averaged over the windows of a batch); see :func:`gimplib.losses.masked_l1`.
         depth: aggregator layers.
         num_heads: aggregator heads.
         num_landmarks: Nystrom landmarks.
@@ -120,6 +181,7 @@ class GiMP(nn.Module):
         normalize: str = "l2",
         triplet_input: str = "masked",
         decoder_hidden: int = 512,
+        rec_reduction: str = "mean",
         depth: int = 2,
         num_heads: int = 8,
         num_landmarks: int = 256,
@@ -137,6 +199,8 @@ class GiMP(nn.Module):
             raise ValueError(f"triplet_input must be 'masked' or 'full', got {triplet_input!r}")
         if mining not in ("all", "hard"):
             raise ValueError(f"mining must be 'all' or 'hard', got {mining!r}")
+        if rec_reduction not in ("mean", "sum"):
+            raise ValueError(f"rec_reduction must be 'mean' or 'sum', got {rec_reduction!r}")
         self.use_mpm = use_mpm
         self.use_triplet = use_triplet
         self.mask_ratio = mask_ratio
@@ -145,6 +209,7 @@ class GiMP(nn.Module):
         self.triplet_reduction = triplet_reduction
         self.normalize = normalize
         self.triplet_input = triplet_input
+        self.rec_reduction = rec_reduction
 
         self.aggregator = PatchAggregator(
             in_dim=in_dim,
@@ -160,6 +225,12 @@ class GiMP(nn.Module):
             self.decoder = nn.Sequential(
                 nn.LayerNorm(embed_dim), nn.Linear(embed_dim, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, in_dim)
             )
+            # the output layer starts near zero, so the first reconstructions are nearly a
+            # constant (its bias; see init_decoder_bias) instead of random patterns that
+            # training would first remove by collapsing the tokens (see the module docstring)
+            with torch.no_grad():
+                self.decoder[-1].weight.mul_(DECODER_OUT_INIT_SCALE)
+            nn.init.zeros_(self.decoder[-1].bias)
         self.gene_encoder = gene_encoder
         if exists(gene_encoder):
             gene_encoder.requires_grad_(False)
@@ -172,12 +243,86 @@ class GiMP(nn.Module):
             self.gene_encoder.eval()
         return self
 
+    @torch.no_grad()
+    def init_decoder_bias(self, mean_patch: Tensor) -> None:
+        """Set the decoder's output bias to the training set's mean patch (before training).
+
+        With the zero-initialised output layer, the first reconstruction of every masked
+        patch is then the mean patch, the best context-free guess, and training starts
+        from the patch-to-patch variation instead of from the features' common level.
+
+        Args:
+            mean_patch: (in_dim,) the mean feature vector of the training patches.
+        """
+        if not self.use_mpm:
+            raise RuntimeError("this GiMP has use_mpm=False: it has no decoder")
+        bias = self.decoder[-1].bias
+        if mean_patch.shape != bias.shape:
+            raise ValueError(f"mean_patch must be ({bias.shape[0]},), got shape {tuple(mean_patch.shape)}")
+        if not bool(torch.isfinite(mean_patch).all()):
+            raise ValueError("mean_patch has non-finite values")
+        bias.copy_(mean_patch.to(bias))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser should see (everything but the frozen gene encoder)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def _normalize(self, x: Tensor) -> Tensor:
         return F.normalize(x, dim=-1) if self.normalize == "l2" else x
+
+    @staticmethod
+    def _valid(feats: Tensor, mask: Tensor | None) -> Tensor:
+        assert feats.ndim == 3, f"feats must be (b, n, D), got shape {tuple(feats.shape)}"
+        b, n, _ = feats.shape
+        valid = mask if exists(mask) else torch.ones(b, n, dtype=torch.bool, device=feats.device)
+        assert valid.shape == (b, n) and valid.dtype == torch.bool, (
+            f"mask must be bool (b, n) = {(b, n)}, got {valid.dtype} {tuple(valid.shape)}"
+        )
+        return valid
+
+    def _reconstruct(
+        self, feats: Tensor, mask: Tensor | None, valid: Tensor, mpm_mask: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Any]:
+        if not self.use_mpm:
+            raise RuntimeError("this GiMP has use_mpm=False: it has no mask token and no decoder")
+        if exists(mpm_mask):
+            assert mpm_mask.shape == valid.shape and mpm_mask.dtype == torch.bool, (
+                f"mpm_mask must be bool (b, n) = {tuple(valid.shape)}, got {mpm_mask.dtype} {tuple(mpm_mask.shape)}"
+            )
+            if bool((mpm_mask & ~valid).any()):
+                raise ValueError("mpm_mask marks padded positions; it must be a subset of the valid positions")
+            mpm = mpm_mask
+        else:
+            mpm = random_patch_mask(valid, self.mask_ratio, generator)
+        # MPM: replace the projected tokens of the masked positions by the mask token
+        tokens = self.aggregator.embed(feats)
+        tokens = torch.where(mpm[..., None], self.mask_token.to(tokens.dtype), tokens)
+        out = self.aggregator.encode(tokens, mask)
+        return self.decoder(out.tokens), mpm, out
+
+    def reconstruct(
+        self,
+        feats: Tensor,
+        mask: Tensor | None = None,
+        *,
+        mpm_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Mask, encode and decode a batch of windows (the MPM half of :meth:`forward`).
+
+        Args:
+            feats: (b, n, in_dim) windows of patch features.
+            mask: (b, n) bool, True for valid patches (None: all valid).
+            mpm_mask: (b, n) bool, the positions to mask (a subset of the valid ones);
+                None draws ``floor(mask_ratio * n_valid)`` per window at random.
+            generator: optional generator for the random mask.
+
+        Returns:
+            ``pred`` (b, n, in_dim), the decoder's output at every position (only the
+            masked ones are trained), and ``mpm_mask`` (b, n) bool, the masked positions.
+        """
+        pred, mpm, _ = self._reconstruct(feats, mask, self._valid(feats, mask), mpm_mask, generator)
+        return pred, mpm
 
     def forward(
         self,
@@ -186,25 +331,18 @@ class GiMP(nn.Module):
         genes: Tensor | None = None,
         y: Tensor | None = None,
         generator: torch.Generator | None = None,
+        mpm_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """One pretraining forward; see :meth:`pretrain_step` (``forward`` so that DDP wraps it)."""
-        assert feats.ndim == 3, f"feats must be (b, n, D), got shape {tuple(feats.shape)}"
-        b, n, _ = feats.shape
-        valid = mask if exists(mask) else torch.ones(b, n, dtype=torch.bool, device=feats.device)
-        assert valid.shape == (b, n) and valid.dtype == torch.bool, (
-            f"mask must be bool (b, n) = {(b, n)}, got {valid.dtype} {tuple(valid.shape)}"
-        )
+        valid = self._valid(feats, mask)
         zero = feats.new_zeros(())
 
-        # MPM: replace the projected tokens of the masked positions by the mask token
-        tokens = self.aggregator.embed(feats)
         loss_rec = zero
         if self.use_mpm:
-            mpm = random_patch_mask(valid, self.mask_ratio, generator)
-            tokens = torch.where(mpm[..., None], self.mask_token.to(tokens.dtype), tokens)
-        out = self.aggregator.encode(tokens, mask)
-        if self.use_mpm:
-            loss_rec = masked_l1(self.decoder(out.tokens), feats, mpm)
+            pred, mpm, out = self._reconstruct(feats, mask, valid, mpm_mask, generator)
+            loss_rec = masked_l1(pred, feats, mpm, reduction=self.rec_reduction)
+        else:
+            out = self.aggregator(feats, mask)
 
         # gene-induced triplets on concat(CLS_img, CLS_ge)
         loss_tri = zero
@@ -253,6 +391,7 @@ class GiMP(nn.Module):
         genes: Tensor | None,
         y: Tensor | None,
         generator: torch.Generator | None = None,
+        mpm_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Pretraining losses of one mini-batch (call ``loss.backward()`` on the result).
 
@@ -262,12 +401,13 @@ class GiMP(nn.Module):
             genes: (b, g) expression vectors (needed when a gene encoder is set).
             y: (b,) labels for triplet mining (needed when ``use_triplet``).
             generator: optional generator for the MPM masks.
+            mpm_mask: (b, n) bool, the positions to mask (None: drawn at random).
 
         Returns:
             dict of scalar tensors: ``loss`` (= ``loss_tri + loss_rec``), ``loss_tri``,
             ``loss_rec`` (a switched-off term is 0).
         """
-        return self(feats, mask, genes, y, generator)
+        return self(feats, mask, genes, y, generator, mpm_mask)
 
 
 def _load_state(source: Any) -> dict[str, Tensor]:

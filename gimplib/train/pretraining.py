@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from gimplib.models.gimp import GiMP, mpm_reference_l1, random_patch_mask
 from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import (
     RunResult,
@@ -77,7 +78,11 @@ def pretrain_gimp(
 
     Returns:
         :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch) and metrics
-        ``train_loss``, ``train_loss_tri``, ``train_loss_rec`` (last epoch) and ``val_loss*``.
+        ``train_loss``, ``train_loss_tri``, ``train_loss_rec`` (last epoch) and ``val_loss*``;
+        with MPM also ``val_rec_l1`` (L1 per feature on the masked validation patches,
+        whatever ``rec_reduction``) and, on the same windows and masks, the references
+        ``val_ref_window_mean``, ``val_ref_nearest`` and ``val_ref_mean_patch`` (the mean
+        patch of the training windows, which also initialises the decoder's output bias).
     """
     out_dir = Path(out_dir)
     callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
@@ -131,6 +136,10 @@ def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]
     train_ds = windows(split["train"])
     val_loader = loader_for(windows(split["val"]), batch_size=opts["batch_size"], collate_fn=collate_bags,
                             num_workers=num_workers)
+    mpm = isinstance(net, GiMP) and net.use_mpm
+    mean_patch = _mean_patch(train_ds) if mpm else None
+    if mpm:  # a resumed run overwrites this with its checkpoint
+        net.init_decoder_bias(mean_patch)
 
     def step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return model(batch)
@@ -139,10 +148,15 @@ def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]
         # fixed windows and masks, so that epochs are comparable; the global RNG is untouched
         sums: dict[str, float] = {}
         dev = next(model.parameters()).device
+        gen = torch.Generator(device=dev).manual_seed(opts["seed"])
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(opts["seed"])
             for batch in val_loader:
-                out = model(to_device(batch, dev))
+                batch = to_device(batch, dev)
+                if mpm:  # MPM: the masks are drawn here, so the references see the same ones
+                    out = _mpm_validation(model.net, batch, gen, mean_patch.to(dev))
+                else:
+                    out = model(batch)
                 for k, v in out.items():
                     sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) / len(val_loader)
         return sums
@@ -156,6 +170,32 @@ def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]
     metrics = {k: float(v) for k, v in last.items() if k.startswith(("train_", "val_"))}
     metrics["epochs"] = int(last["epoch"]) + 1
     return finish_run(out_dir, metrics, None)
+
+
+def _mean_patch(ds: Any, max_windows: int = 64) -> torch.Tensor:
+    """(D,) the mean valid patch of a window dataset at its current epoch (the rows of at most
+    ``max_windows`` of its windows, spread over the cases)."""
+    total, count = None, 0
+    for i in sorted({int(j) for j in torch.linspace(0, len(ds) - 1, min(len(ds), max_windows))}):
+        item = ds[i]
+        rows = item["feats"][item["mask"]].double()
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        count += len(rows)
+    return (total / count).float()
+
+
+def _mpm_validation(net: GiMP, batch: Mapping[str, Any], gen: torch.Generator,
+                    mean_patch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """GiMP's losses on one validation batch, plus its L1 per feature on the masked patches
+    (``rec_l1``) and that of the references of :func:`mpm_reference_l1` on the same masks
+    (``ref_window_mean``, ``ref_nearest``, ``ref_mean_patch``)."""
+    feats, mask = batch["feats"], batch["mask"]
+    mpm_mask = random_patch_mask(mask, net.mask_ratio, gen)
+    out = dict(net.pretrain_step(feats, mask, batch.get("genes"), batch["y"], mpm_mask=mpm_mask))
+    scale = 1.0 if net.rec_reduction == "mean" else feats.shape[0] / (mpm_mask.sum() * feats.shape[-1])
+    out["rec_l1"] = out["loss_rec"] * scale
+    out.update({f"ref_{k}": v for k, v in mpm_reference_l1(feats, mask, mpm_mask, mean_patch).items()})
+    return out
 
 
 def pretrain_baseline(
