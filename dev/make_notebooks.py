@@ -723,6 +723,7 @@ NB04 = [
     num_heads = 8  # attention heads
     num_landmarks = 256  # Nystrom landmarks
     decoder_hidden = 512  # hidden width of the light MPM decoder (not given in the paper)
+    rec_reduction = "sum"  # L_rec: "sum" is Eq. 3 as written; "mean" per masked value (ours)
     num_epochs = 100  # pre-training epochs
     lr = 1e-4  # AdamW learning rate (cosine schedule)
     weight_decay = 1e-2  # AdamW weight decay
@@ -737,7 +738,7 @@ NB04 = [
             raise FileNotFoundError(f"{gene_ckpt} not found: run notebooks/02_genes.ipynb with encoder={gene_encoder!r} first")
     model_kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_landmarks=num_landmarks,
                         use_mpm=use_mpm, use_triplet=use_triplet, mask_ratio=mask_ratio, margin=margin, mining=mining,
-                        normalize=normalize, decoder_hidden=decoder_hidden)
+                        normalize=normalize, decoder_hidden=decoder_hidden, rec_reduction=rec_reduction)
     run = pretrain_gimp(
         cohort, split, gene_encoder_ckpt=gene_ckpt, model_kwargs=model_kwargs, window_len=window_len,
         num_epochs=num_epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,

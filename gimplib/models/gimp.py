@@ -6,10 +6,12 @@ Pretraining (:class:`GiMP`), per mini-batch of windows of patch features:
    are chosen uniformly at random per sample; their projected tokens are replaced by a
    learnable mask token, the aggregator runs on the whole sequence, and a light decoder
    reconstructs the original ``in_dim`` features; ``L_rec`` is the L1 error on the masked
-   positions only (Eq. 3; :func:`gimplib.losses.masked_l1`): ``rec_reduction="mean"``
-   (default, ours) averages over masked positions and feature dimensions,
-   ``rec_reduction="sum"`` is Eq. 3 as written (a sum over masked positions of L1 norms),
-   averaged over the windows of a batch.
+   positions only (Eq. 3; :func:`gimplib.losses.masked_l1`): ``rec_reduction="sum"``
+   (default) is Eq. 3 as written, a sum over masked positions of L1 norms, averaged over the
+   windows of a batch (that batching is ours); ``rec_reduction="mean"`` (ours) averages over
+   masked positions and feature dimensions. Trained alone both give the same model; next to
+   the triplet loss only the sum let MPM learn on the demo cohort (the mean's reconstruction
+   gradient is ~1e5 times smaller), so the paper's sum is the default.
 2. Gene-induced triplets: ``L_tri`` (Eq. 4) on ``concat(CLS_img, CLS_ge)`` with squared
    L2 distances and margin 0.8, triplets mined from the labels of the batch. ``CLS_ge``
    comes from a gene encoder pretrained beforehand and *frozen* here (eval mode,
@@ -157,8 +159,8 @@ class GiMP(nn.Module):
         normalize: ``"l2"`` (each CLS L2-normalised before concatenation) or ``"none"``.
         triplet_input: ``"masked"`` (CLS from the MPM pass) or ``"full"`` (extra unmasked pass).
         decoder_hidden: hidden width of the MPM decoder MLP.
-        rec_reduction: ``"mean"`` (L1 per feature, ours) or ``"sum"`` (Eq. 3 as written,
-            averaged over the windows of a batch); see :func:`gimplib.losses.masked_l1`.
+        rec_reduction: ``"sum"`` (Eq. 3 as written, averaged over the windows of a batch) or
+            ``"mean"`` (L1 per feature, ours); see :func:`gimplib.losses.masked_l1`.
         depth: aggregator layers.
         num_heads: aggregator heads.
         num_landmarks: Nystrom landmarks.
@@ -181,7 +183,7 @@ class GiMP(nn.Module):
         normalize: str = "l2",
         triplet_input: str = "masked",
         decoder_hidden: int = 512,
-        rec_reduction: str = "mean",
+        rec_reduction: str = "sum",
         depth: int = 2,
         num_heads: int = 8,
         num_landmarks: int = 256,

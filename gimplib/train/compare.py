@@ -173,6 +173,7 @@ class SweepConfig:
             widths: ABMIL, CLAM, TransMIL, PORPOISE and MCAT take ``embed_dim``; DSMIL and
             Pathomic Fusion keep their own small defaults).
         decoder_hidden: hidden width of the MPM decoder.
+        rec_reduction: how ``L_rec`` is reduced: ``"sum"`` (Eq. 3 as written) or ``"mean"`` (ours).
         gene_embed_dim, fragment_size, num_groups, fragment_proj, gene_dropout: the gene
             encoders (GroupMSA; SNN uses ``gene_embed_dim``); the defaults of the last two are
             the ones 5-fold CV chose on real TCGA expression (book page genes_real).
@@ -203,6 +204,7 @@ class SweepConfig:
     num_heads: int = 8
     num_landmarks: int = 256
     decoder_hidden: int = 512
+    rec_reduction: str = "sum"
     gene_embed_dim: int | None = None
     fragment_size: int = 256
     num_groups: int = 16
@@ -334,7 +336,7 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
         pretrained = pretrain_baseline(opt["name"], cohort, split, model_kwargs=cfg.aggregator(), **pre).checkpoint
     else:
         model_kwargs = dict(cfg.aggregator(), use_mpm=opt["mpm"], use_triplet=opt["triplet"],
-                            decoder_hidden=cfg.decoder_hidden)
+                            decoder_hidden=cfg.decoder_hidden, rec_reduction=cfg.rec_reduction)
         pretrained = pretrain_gimp(cohort, split, model_kwargs=model_kwargs, **pre).checkpoint
     finetune(cohort, split, pretrained_ckpt=pretrained, freeze_gene_encoder=not cfg.finetune_gene_encoder, **fit)
     return out
