@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +18,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gimplib.metrics import classification_metrics
+from gimplib.train.checkpoint import StaleRunError
 from gimplib.train.engine import BEST, CHECKPOINT, HISTORY, compare_configs, normalize_config, to_device
 from gimplib.utils import DataError, exists, load_json, save_json
 
-__all__ = ["RunResult", "load_run"]
+__all__ = ["RunResult", "data_fingerprint", "load_run", "run_inputs"]
 
-CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.csv"
-RUN_FILES = (CHECKPOINT, BEST, HISTORY, METRICS, PREDICTIONS, CONFIG)
+CONFIG, METRICS, PREDICTIONS, INPUTS = "config.json", "metrics.json", "predictions.csv", "inputs.json"
+RUN_FILES = (CHECKPOINT, BEST, HISTORY, METRICS, PREDICTIONS, INPUTS, CONFIG)
+RERUN_HINT = "overwrite=True (book runner: -p overwrite=true; gimp-train: --overwrite)"
 SPLIT_PARTS = ("train", "val", "test")
 
 
@@ -47,6 +51,7 @@ class RunResult:
     history: pd.DataFrame
     checkpoint: Path
     predictions: pd.DataFrame | None = field(default=None, repr=False)
+    reused: bool = False
 
 
 def load_run(out_dir: str | os.PathLike) -> RunResult:
@@ -65,29 +70,210 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_run(out_dir: Path, config: Mapping[str, Any], overwrite: bool) -> RunResult | None:
+def _finished_at(path: Path) -> str:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def prepare_run(out_dir: Path, config: Mapping[str, Any], overwrite: bool,
+                inputs: Mapping[str, Any] | None = None) -> RunResult | None:
     """Reuse a finished run, check an unfinished one, or clear the folder (``overwrite``).
+
+    A run is reused only when its settings *and* its inputs are unchanged: the config's
+    ``inputs`` entry (see :func:`run_inputs`) holds digests of the cases and labels, the gene
+    table's values, every bag's size and modification time, and the upstream checkpoints.
+    A reused run is announced with its date.
+
+    Args:
+        out_dir: the run folder.
+        config: the run's config (from ``make_config``).
+        overwrite: clear the folder and train afresh.
+        inputs: the per-file detail behind ``config["inputs"]`` (written to ``inputs.json``
+            so that a later mismatch can name the bags that changed); default: the detail
+            :func:`run_inputs` computed for that entry.
 
     Returns:
         The finished run's result when it can be reused, else None (train).
+
+    Raises:
+        StaleRunError: the folder holds a run of the same settings made from other inputs
+            (the message says what changed and how to rerun).
+        ConfigMismatchError: the folder holds a run of other settings.
     """
     config = normalize_config(config)
+    detail = dict(inputs if exists(inputs) else _DETAILS.get(_entry_key(config.get("inputs")), {}))
     if overwrite:
         # every rank trains afresh; only rank 0 touches the files (no rank may see the old run)
         if is_main_process():
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
-            save_json(out_dir / CONFIG, config)
+            _write_config(out_dir, config, detail)
         return None
+    if (is_main_process() and (out_dir / CONFIG).is_file()
+            and not any((out_dir / n).is_file() for n in (CHECKPOINT, BEST, METRICS))):
+        # a config with no trained epoch behind it (an earlier start that failed): nothing to lose, replace it
+        (out_dir / CONFIG).unlink()
     if (out_dir / CONFIG).is_file():
-        compare_configs(load_json(out_dir / CONFIG), config, where=f"run folder {out_dir}")
+        saved = load_json(out_dir / CONFIG)
+        settings = {k: v for k, v in saved.items() if k != "inputs"}
+        compare_configs(settings, {k: v for k, v in config.items() if k != "inputs"}, where=f"run folder {out_dir}")
+        _check_inputs(out_dir, saved.get("inputs"), config.get("inputs"), detail)
         if (out_dir / METRICS).is_file():
-            return load_run(out_dir)
+            if is_main_process():
+                print(f"reusing the finished run in {out_dir} (finished {_finished_at(out_dir / METRICS)}; "
+                      f"same settings and inputs); to train it again pass {RERUN_HINT}", flush=True)
+            result = load_run(out_dir)
+            result.reused = True
+            return result
     elif (out_dir / METRICS).is_file():
         raise DataError(f"{out_dir} holds {METRICS} but no {CONFIG}: not a gimplib run; use another out_dir")
     if is_main_process():
-        save_json(out_dir / CONFIG, config)
+        _write_config(out_dir, config, detail)
     return None
+
+
+def _write_config(out_dir: Path, config: Mapping[str, Any], detail: Mapping[str, Any]) -> None:
+    if detail:
+        save_json(out_dir / INPUTS, detail)
+    save_json(out_dir / CONFIG, config)
+
+
+def _check_inputs(out_dir: Path, saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None,
+                  detail: Mapping[str, Any]) -> None:
+    """Raise :class:`StaleRunError` naming what changed between a run's inputs and today's."""
+    if saved == now:
+        return
+    finished = (out_dir / METRICS).is_file()
+    when = f"finished {_finished_at(out_dir / METRICS)}" if finished else "unfinished"
+    if not exists(saved):
+        changes = ["the run records no fingerprint of its inputs (written by an older gimplib)"]
+    else:
+        now = dict(now or {})
+        changes = []
+        names = {"cases": "dataset.csv (cases, slides or labels)", "genes": "the gene table's values",
+                 "bags": "the bags (size or modification time)"}
+        for key, what in names.items():
+            if saved.get(key) != now.get(key):
+                changes.append(f"{what} changed")
+        if saved.get("bags") != now.get("bags"):
+            old = load_json(out_dir / INPUTS).get("bags", {}) if (out_dir / INPUTS).is_file() else {}
+            new = detail.get("bags", {})
+            if old and new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
+                changes[-1] += f": {len(diff)} of {len(new)} bag(s), e.g. {shown}"
+        up_old, up_new = saved.get("upstream") or {}, now.get("upstream") or {}
+        for path in sorted(set(up_old) | set(up_new)):
+            if up_old.get(path) != up_new.get(path):
+                changes.append(f"the upstream run {path} changed (retrained or replaced since)")
+    raise StaleRunError(
+        f"run folder {out_dir} ({when}) was made from other inputs than today's:\n  "
+        + "\n  ".join(changes)
+        + f"\nIts results would be stale. Train it again with {RERUN_HINT}, or use another out_dir."
+    )
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(cohort: Any) -> dict[str, Any]:
+    """What a run reads from a cohort, as digests.
+
+    Returns:
+        ``cases`` (case ids, labels, slide ids), ``genes`` (the gene table's index, columns
+        and values, or None), ``bags`` (every bag's path, size and modification time) and
+        ``bag_stats`` (slide_id -> "size:mtime_ns", the detail behind ``bags``).
+    """
+    cases = cohort.cases
+    slides = cohort.slides
+    case_part = _digest(list(map(str, cases.index)), list(map(str, cases["label"])), list(cohort.label_names),
+                        list(map(str, slides.get("slide_id", []))), list(map(str, slides.get("case_id", []))))
+    genes = None
+    if exists(cohort.genes):
+        g = cohort.genes
+        values = pd.util.hash_pandas_object(g, index=True).to_numpy().tobytes()
+        genes = _digest(list(map(str, g.columns)), values)
+    stats = {}
+    for sid, path in zip(slides.get("slide_id", []), slides.get("path", [])):
+        try:
+            st = os.stat(path)
+            stats[str(sid)] = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stats[str(sid)] = "missing"
+    bags = _digest(sorted(stats.items())) if stats else None
+    return {"cases": case_part, "genes": genes, "bags": bags, "bag_stats": stats}
+
+
+def _upstream_paths(values: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            if key == "ckpt" and isinstance(value, (str, os.PathLike)):
+                found.append(str(value))
+            else:
+                found.extend(_upstream_paths(value))
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            found.extend(_upstream_paths(value))
+    return found
+
+
+def check_upstream(cohort: Any, values: Mapping[str, Any]) -> None:
+    """Every upstream checkpoint is a gimplib checkpoint trained on bags as wide as this cohort's.
+
+    Raises:
+        NotACheckpointError: a ``ckpt`` path is not a gimplib checkpoint.
+        DataError: the checkpoint was trained on features of another width (names both).
+    """
+    from gimplib.train.checkpoint import load_checkpoint
+
+    for path in _upstream_paths(values):
+        cfg = load_checkpoint(path)["config"]
+        dim = (cfg.get("cohort") or {}).get("feat_dim")
+        if exists(dim) and exists(cohort.feat_dim) and dim != cohort.feat_dim:
+            where = cohort.data_dir if exists(cohort.data_dir) else "this cohort"
+            raise DataError(f"the bags of {where} are {cohort.feat_dim} features wide, but checkpoint {path} was "
+                            f"trained on {dim}-wide features; use bags from the same feature extractor, or "
+                            "train that stage again on these bags")
+
+
+def run_inputs(cohort: Any, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's inputs: the config entry (digests) and the detail kept in ``inputs.json``.
+
+    Args:
+        cohort: the cohort the run reads.
+        values: the run's other config values; every ``ckpt`` path in them is an upstream
+            run, identified by its checkpoint's size and modification time.
+
+    Returns:
+        ``(entry, detail)``: ``entry`` has ``cases``, ``genes``, ``bags`` and ``upstream``
+        (path -> digest); ``detail`` adds each bag's size and modification time.
+    """
+    fp = data_fingerprint(cohort)
+    upstream = {}
+    for path in _upstream_paths(values):
+        try:
+            st = os.stat(path)
+            upstream[path] = _digest(st.st_size, st.st_mtime_ns)
+        except OSError:
+            upstream[path] = "missing"
+    entry = {"cases": fp["cases"], "genes": fp["genes"], "bags": fp["bags"], "upstream": upstream}
+    detail = {**entry, "bags": fp["bag_stats"]}
+    if len(_DETAILS) > 64:
+        _DETAILS.clear()
+    _DETAILS[_entry_key(entry)] = detail
+    return entry, detail
+
+
+_DETAILS: dict[str, dict[str, Any]] = {}  # config["inputs"] -> its detail, for prepare_run
+
+
+def _entry_key(entry: Any) -> str:
+    return json.dumps(entry, sort_keys=True, default=str)
 
 
 def finish_run(out_dir: Path, metrics: Mapping[str, Any], predictions: pd.DataFrame | None) -> RunResult:
@@ -137,6 +323,17 @@ def check_ids(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
         for cid in split.get(part, []):
             if str(cid) not in known:
                 raise DataError(f"split part {part!r} names case {cid!r}, which the cohort does not hold")
+
+
+def check_classes(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
+    """A classifier needs two classes among its training cases: say so before any training."""
+    ids = [str(c) for c in split.get("train") or []]
+    labels = sorted(set(cohort.cases.loc[ids, "label"].astype(str))) if ids else []
+    if len(labels) < 2:
+        counts = cohort.cases["label"].astype(str).value_counts().to_dict()
+        where = cohort.data_dir if exists(cohort.data_dir) else "the cohort"
+        raise DataError(f"{where}: the training cases hold a single class {labels} (cohort label counts "
+                        f"{counts}); a classifier needs at least two classes in dataset.csv's label column")
 
 
 # --------------------------------------------------------------------------- genes

@@ -25,7 +25,9 @@ from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import (
     RunResult,
     bag_sets,
+    check_classes,
     check_ids,
+    check_upstream,
     cohort_summary,
     epoch_eval_fn,
     final_evaluation,
@@ -34,6 +36,7 @@ from gimplib.train.common import (
     gene_matrix,
     loader_for,
     prepare_run,
+    run_inputs,
     split_summary,
 )
 from gimplib.train.engine import fit
@@ -99,9 +102,19 @@ def run_supervised(*, kind: str, net: nn.Module, config: dict[str, Any], out_dir
 
 
 def make_config(task: str, cohort: Any, split: Mapping[str, Sequence[str]], **values: Any) -> dict[str, Any]:
-    """A run's config: the task, the cohort and split identity (sizes + digest), and ``values``."""
+    """A run's config: the task, the cohort and split identity (sizes + digest), ``values``, and
+    ``inputs``: digests of the data and upstream checkpoints it reads (see
+    :func:`~gimplib.train.common.run_inputs`), so a changed input is never silently reused.
+
+    Raises:
+        DataError: the split names unknown cases, or its training part holds a single class.
+    """
     check_ids(cohort, split)
-    return {"task": task, "cohort": cohort_summary(cohort), "split": split_summary(split), **values}
+    check_classes(cohort, split)
+    check_upstream(cohort, values)
+    inputs, _ = run_inputs(cohort, values)
+    return {"task": task, "cohort": cohort_summary(cohort), "split": split_summary(split), **values,
+            "inputs": inputs}
 
 
 # --------------------------------------------------------------------------- gene encoder
