@@ -639,16 +639,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``gimp-synth``: write a synthetic cohort folder."""
     parser = argparse.ArgumentParser(prog="gimp-synth", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="destination cohort folder")
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="size preset (default demo)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed and settings give identical files (default 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace an existing cohort written by gimp-synth (one with its {MARKER} file and "
                              "nothing else); any other folder is refused (default: off)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     knobs = {**PRESETS["demo"], **KNOBS}
     group = parser.add_argument_group("settings (default: the preset's)")
     for key, value in knobs.items():
-        group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None)
+        group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None,
+                           help=f"default: the preset's (demo: {value!r})")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
     try:

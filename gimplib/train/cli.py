@@ -31,11 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gimp-train", description="Train GiMP, its stages and its baselines.")
     p.add_argument("task", choices=sorted(_REQUIRES), help="which training task to run")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-dir", type=Path, help="cohort folder in CLAM's layout")
+    src.add_argument("--data-dir", type=Path, help="cohort folder in CLAM's layout (no default: give it or --synthetic)")
     src.add_argument("--synthetic", metavar="PRESET",
-                     help="generate/reuse a synthetic cohort (smoke, demo, paper) in OUT/cohort")
-    p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--name", help="baseline name (task baseline; e.g. abmil, transmil, porpoise)")
+                     help="generate/reuse a synthetic cohort (smoke, demo, paper) in OUT/cohort (default: none, use --data-dir)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (required, no default)")
+    p.add_argument("--name", help="baseline name (task baseline; e.g. abmil, transmil, porpoise; no default)")
     p.add_argument("--gene-ckpt", type=Path, help="gene encoder best.pt (task pretrain; default: none)")
     p.add_argument("--pretrained-ckpt", type=Path, help="pretraining checkpoint.pt (task finetune; default: none)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-incomplete", action="store_true",
                    help="drop cases missing a required modality instead of stopping (default: stop and list them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other task keyword, value read as YAML (repeatable)")
+                   help="any other task keyword, value read as YAML (repeatable; default: the task's defaults)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of reusing/resuming (default off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     return p
