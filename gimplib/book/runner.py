@@ -196,6 +196,7 @@ def run_book(
     log_output: bool = False,
     quiet_build: bool = False,
     progress: bool = False,
+    papermill_dir: str | os.PathLike | None = None,
 ) -> BookRun:
     """Execute the stage notebooks with a parameter set, then build the book.
 
@@ -213,6 +214,8 @@ def run_book(
         log_output: echo the notebooks' output while they run.
         quiet_build: pass ``-q`` to jupyter-book.
         progress: show each notebook's progress (cell n of m) while it runs.
+        papermill_dir: only write each selected notebook's parameters, checked and flat, to
+            ``papermill_dir/<stem>.yaml`` (what ``papermill -f`` reads) and return.
 
     Returns:
         A :class:`BookRun`.
@@ -264,6 +267,14 @@ def run_book(
         if nb.stem not in stems_in_toc:
             print(f"note: {nb.name} is not listed in _toc.yml; it runs but the book does not show it")
 
+    if papermill_dir is not None:
+        for nb in selected:
+            declared = declared_parameters(nb)
+            parameters, _ = check_parameter_types(notebook_parameters(param_set, nb.stem, overrides, declared),
+                                                  declared, nb.stem)
+            _write_papermill_file(Path(papermill_dir) / f"{nb.stem}.yaml", parameters)
+            print(f"papermill {nb.relative_to(root)} OUT.ipynb -f {Path(papermill_dir) / f'{nb.stem}.yaml'}")
+        return BookRun(seconds={}, build_seconds=None, build_status=None, html=build_dir / "html")
     copy_sources(root, site)
     runs = load_runs(site)
     seconds: dict[str, float] = {}
@@ -393,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-build", action="store_true", help="execute only; do not build the HTML (default: build)")
     parser.add_argument("--no-execute", action="store_true",
                         help="build from the executed copies already in _build/site (default: execute)")
+    parser.add_argument("--papermill-files", metavar="DIR", default=None,
+                        help="write each notebook's parameters as a flat YAML for 'papermill -f' into DIR and stop "
+                             "(default: off; the sets themselves have sections papermill cannot read)")
     parser.add_argument("--log-output", action="store_true", help="echo the notebooks' output while they run (default off)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no per-notebook progress bar (default: cell n of m is shown while each notebook runs)")
@@ -411,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.params, root=root, output=args.output, workdir=args.workdir, data_dir=args.data_dir,
             only=only or None, overrides=dict(args.param), execute=not args.no_execute,
             build=not args.no_build, log_output=args.log_output, progress=not args.no_progress,
+            papermill_dir=args.papermill_files,
         )
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -419,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
     total = time.perf_counter() - start
+    if args.papermill_files:
+        return 0
     print("\nseconds per notebook:")
     for stem, took in result.seconds.items():
         print(f"  {stem:<16} {took:8.1f}")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gimplib.metrics import classification_metrics
-from gimplib.train.checkpoint import StaleRunError
+from gimplib.train.checkpoint import ConfigMismatchError, StaleRunError
 from gimplib.train.engine import BEST, CHECKPOINT, HISTORY, compare_configs, normalize_config, to_device
 from gimplib.utils import DataError, exists, load_json, save_json
 
@@ -115,7 +115,11 @@ def prepare_run(out_dir: Path, config: Mapping[str, Any], overwrite: bool,
     if (out_dir / CONFIG).is_file():
         saved = load_json(out_dir / CONFIG)
         settings = {k: v for k, v in saved.items() if k != "inputs"}
-        compare_configs(settings, {k: v for k, v in config.items() if k != "inputs"}, where=f"run folder {out_dir}")
+        try:
+            compare_configs(settings, {k: v for k, v in config.items() if k != "inputs"}, where=f"run folder {out_dir}")
+        except ConfigMismatchError as err:
+            _check_inputs(out_dir, saved.get("inputs"), config.get("inputs"), detail, settings=str(err))
+            raise
         _check_inputs(out_dir, saved.get("inputs"), config.get("inputs"), detail)
         if (out_dir / METRICS).is_file():
             if is_main_process():
@@ -138,8 +142,9 @@ def _write_config(out_dir: Path, config: Mapping[str, Any], detail: Mapping[str,
 
 
 def _check_inputs(out_dir: Path, saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None,
-                  detail: Mapping[str, Any]) -> None:
-    """Raise :class:`StaleRunError` naming what changed between a run's inputs and today's."""
+                  detail: Mapping[str, Any], settings: str | None = None) -> None:
+    """Raise :class:`StaleRunError` naming what changed between a run's inputs and today's
+    (and, from ``settings``, a config mismatch found too: e.g. a relabelled case changes the split)."""
     if saved == now:
         return
     finished = (out_dir / METRICS).is_file()
@@ -165,6 +170,9 @@ def _check_inputs(out_dir: Path, saved: Mapping[str, Any] | None, now: Mapping[s
         for path in sorted(set(up_old) | set(up_new)):
             if up_old.get(path) != up_new.get(path):
                 changes.append(f"the upstream run {path} changed (retrained or replaced since)")
+    if settings:
+        changes += ["and so do settings that follow from them:"] + [
+            line.strip() for line in settings.splitlines()[1:] if line.startswith("  ")]
     raise StaleRunError(
         f"run folder {out_dir} ({when}) was made from other inputs than today's:\n  "
         + "\n  ".join(changes)
