@@ -426,14 +426,18 @@ def test_extract_labels_with_wrong_columns(slides, tmp_path):
     assert rc == 2 and "expected 'label' and 'slide_id' and/or 'case_id'" in err and not (out / "masks").exists()
 
 
-def test_extract_resume_keeps_the_original_status_and_time(slides, tmp_path):
-    out = tmp_path / "out"
+def test_extract_resume_keeps_the_original_status_and_time(slides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("out")  # a relative output folder, as typed
     assert extract([slides, out, *EXTRACT])[0] == 0
     first = pd.read_csv(out / "extract_status.csv")
     assert extract([slides, out, *EXTRACT])[0] == 0
     again = pd.read_csv(out / "extract_status.csv")
     assert again.status.tolist() == ["done"] and again.seconds.tolist() == first.seconds.tolist() != [0.0]
     assert Path(again.path[0]).is_absolute()
+    for sub in ("patches", "h5_files"):  # CLAM's save_path attribute: absolute in both files
+        with h5py.File(out / sub / "slide_a.h5", "r") as f:
+            assert f["coords"].attrs["save_path"] == str((out / sub).resolve())
 
 
 def test_extract_shows_a_patch_bar_inside_each_slide(slides, tmp_path, capsys):

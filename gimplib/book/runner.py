@@ -132,6 +132,8 @@ def execute_notebook(
             cwd=str(cwd or dst.parent),
             progress_bar=progress,
             log_output=log_output,
+            # the kernel's start-up warning about unencrypted local TCP is noise on every run
+            extra_arguments=["--log-level=ERROR"],
         )
     except PapermillExecutionError as err:
         kept = _keep_failed(partial, src.stem, failed_dir or dst.parent)

@@ -218,7 +218,7 @@ def process_slide(
         if not np.isfinite(feats).all():
             raise DataError(f"slide {slide_path}: the encoder produced NaN/inf features")
         write_bag(
-            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, out_dir / "h5_files"),
+            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, (out_dir / "h5_files").resolve()),
             coords_dtype="int32" if config.mode == "clam" else "int64",  # CLAM's extract_features_fp.py: int32
             file_attrs={"encoder": ENCODER_NAME, "encoder_weights": encoder_weights},
         )
