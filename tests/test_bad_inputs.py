@@ -382,6 +382,24 @@ def test_metrics_json_is_strict_json_with_a_reason_for_each_null(tmp_path):
     assert "nan" in data["null_reasons"]["test_auc"] and "single class" in data["null_reasons"]["test_auc"]
 
 
+@pytest.mark.parametrize("setting,message", [
+    ("num_epochs=three", "num_epochs='three': expected an integer >= 1 (notebook: -p num_epochs=50; gimp-train: --set num_epochs=50)"),
+    ("batch_size=0", "batch_size=0: expected an integer >= 1"),
+    ("lr=-1", "lr=-1: expected a number > 0"),
+], ids=["text", "zero", "negative"])
+def test_training_options_of_the_wrong_type_fail_before_the_run_folder(tiny, tmp_path, setting, message):
+    out = tmp_path / "g"
+    argv = [a for a in GENES if a not in ("--num-epochs", "1")]  # the flag would win over --set
+    rc, _, err = train([*argv, "--data-dir", tiny, "--out", out, "--set", setting])
+    assert rc == 1 and message in err and not out.exists()
+
+
+def test_gimp_train_reads_1e_minus_4_as_a_number(tiny, tmp_path):
+    rc, _, err = train([*GENES, "--data-dir", tiny, "--out", tmp_path / "g", "--set", "lr=1e-4"])
+    assert rc == 0, err
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["lr"] == 1e-4
+
+
 def test_gimp_train_unknown_baseline_is_one_line(tiny, tmp_path):
     rc, _, err = train(["baseline", "--name", "abmill", "--data-dir", tiny, "--out", tmp_path / "b"])
     assert rc == 1 and "unknown baseline 'abmill'" in err and "Traceback" not in err
@@ -606,3 +624,31 @@ def test_every_flag_documents_its_default(module):
     assert rc == 0
     missing = [b.split()[0] for b in _option_blocks(out) if "default" not in b.lower()]
     assert not missing, f"{module}: flags without a default in --help: {missing}"
+
+
+# --------------------------------------------------------------------------- through the notebooks (slow tier)
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(900)
+def test_runner_reuses_with_a_date_then_stops_when_the_genes_change(tiny, tmp_path, capfd):
+    import nbformat
+
+    from gimplib.book import NotebookFailed, run_book
+
+    data, work = copy_of(tiny, tmp_path), tmp_path / "work"
+    kw = dict(root=ROOT, output=tmp_path / "book", workdir=work, data_dir=data, only=["02"], build=False)
+    over = {"num_epochs": 1, "n_folds": 0}
+    run_book("smoke", overrides=over, **kw)
+    run_book("smoke", overrides=over, **kw)
+    nb = nbformat.read(tmp_path / "book" / "_build" / "site" / "notebooks" / "02_genes.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert re.search(r"reusing the finished run in .* \(finished \d{4}-\d\d-\d\d \d\d:\d\d UTC", text)
+    banner = "".join(c.source for c in nb.cells if "gimplib-banner" in c.metadata.get("tags", []))
+    assert f"--data-dir {data}" in banner and f"--workdir {work}" in banner and "-p num_epochs=1" in banner
+    genes = pd.read_parquet(data / "genes.parquet")
+    (genes * 2 + 1).to_parquet(data / "genes.parquet")
+    with pytest.raises(NotebookFailed, match=r"(?s)made from other inputs.*the gene table's values changed.*-p overwrite=true"):
+        run_book("smoke", overrides=over, **kw)
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "IProgress not found" not in err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -66,8 +67,14 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _EXPONENT.match(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-4 (no dot) as text
+        node[leaf] = parsed
     return out
+
+
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
