@@ -650,5 +650,7 @@ def test_runner_reuses_with_a_date_then_stops_when_the_genes_change(tiny, tmp_pa
     (genes * 2 + 1).to_parquet(data / "genes.parquet")
     with pytest.raises(NotebookFailed, match=r"(?s)made from other inputs.*the gene table's values changed.*-p overwrite=true"):
         run_book("smoke", overrides=over, **kw)
-    err = capfd.readouterr().err
-    assert "without encryption" not in err and "IProgress not found" not in err
+    captured = capfd.readouterr()
+    logs = captured.err + captured.out
+    assert "without encryption" not in logs and "IProgress not found" not in logs
+    assert "KeyboardInterrupt caught in kernel" not in logs

@@ -11,6 +11,7 @@ validation loss); test figures come from that epoch, with bootstrap 95% interval
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -86,9 +87,9 @@ def _check_options(opts: Mapping[str, Any]) -> None:
         value = opts.get(name)
         if value is None and name == "grad_clip":
             continue
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if kind == "number":
-            ok = ok or isinstance(value, float)
+            ok = ok or isinstance(value, numbers.Real) and not isinstance(value, bool)
         if not ok or (low is not None and value < low) or (name == "lr" and value == 0):
             what = "an integer" if kind == "int" else "a number"
             bound = "" if low is None else (f" > {low}" if name == "lr" else f" >= {low}")
