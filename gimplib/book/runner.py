@@ -132,8 +132,10 @@ def execute_notebook(
             cwd=str(cwd or dst.parent),
             progress_bar=progress,
             log_output=log_output,
-            # the kernel's start-up warning about unencrypted local TCP is noise on every run
-            extra_arguments=["--log-level=ERROR"],
+            # Kernel logs are noise on a successful run: a start-up warning about unencrypted local
+            # TCP, and "KeyboardInterrupt caught in kernel" (jupyter_client interrupts the kernel
+            # before every shutdown). A failing cell still reports through its error output.
+            extra_arguments=["--log-level=CRITICAL"],
         )
     except PapermillExecutionError as err:
         kept = _keep_failed(partial, src.stem, failed_dir or dst.parent)
