@@ -313,8 +313,8 @@ def run_book(
             insert_banner(
                 site / "notebooks" / nb.name,
                 f"Executed for this build with the parameter set **{param_set.name}** on {text}. "
-                f"Finished {finished} UTC in {took:.1f} s. "
-                f"Rerun: `{_rerun_command(param_set.name, nb.stem, data_dir, workdir, overrides)}`.",
+                f"Finished {finished} UTC in {took:.1f} s. " + _reused_note(site / "notebooks" / nb.name)
+                + f"Rerun: `{_rerun_command(param_set.name, nb.stem, data_dir, workdir, overrides)}`.",
                 kind,
             )
             print(f"[{nb.stem}] done in {took:.1f} s", flush=True)
@@ -354,6 +354,20 @@ def run_book(
         status = build_book(site, output, quiet=quiet_build)
         build_seconds = time.perf_counter() - start
     return BookRun(seconds=seconds, build_seconds=build_seconds, build_status=status, html=html)
+
+
+def _reused_note(nb_path: Path) -> str:
+    """A sentence naming the training runs an executed notebook reused instead of training (with dates)."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+    dates = re.findall(r"reusing the finished run in \S+ \(finished ([^;]+);", text)
+    if not dates:
+        return ""
+    return (f"{len(dates)} of its training runs were reused, unchanged, from earlier runs (finished "
+            f"{', '.join(sorted(set(dates)))}); `-p overwrite=true` trains them again. ")
 
 
 def _rerun_command(params: str, stem: str, data_dir: Any, workdir: Any, overrides: dict[str, Any] | None) -> str:
