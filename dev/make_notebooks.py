@@ -28,6 +28,7 @@ profile = "demo"  # synthetic preset when data_dir is None: smoke / demo / paper
 seed = 0  # seed of the split, the synthetic cohort and training
 device = "auto"  # "auto": CUDA, then MPS, then CPU
 overwrite = False  # True: recompute this stage even if its outputs exist
+drop_incomplete = False  # True: drop cases missing a slide or genes (printed) instead of stopping
 progress = True  # progress bars while training
 '''
 
@@ -43,7 +44,7 @@ def code(text: str, tags: list[str] | None = None):
     return cell
 
 
-CACHE_PARAM = "bag_cache_gb = 0  # GiB of bags kept in memory between reads (0 reads them from disk each time)\n"
+CACHE_PARAM = "bag_cache_gb = 0.0  # GiB of bags kept in memory between reads (0 reads them from disk each time)\n"
 
 
 def params(extra: str, cache: bool = False):
@@ -68,7 +69,7 @@ def setup(stage: str, require: str = "None", cache: bool = False) -> str:
     seed_everything(seed)
     device = str(get_device(device))
     cohort_dir = resolve_cohort_dir(workdir, data_dir, preset=profile, seed=seed)
-    cohort = load_cohort(cohort_dir, require={require}, verbose=False)
+    cohort = load_cohort(cohort_dir, require={require}, drop_incomplete=drop_incomplete, verbose=False)
     split_file = workdir / "01_data" / "split.json"
     if split_file.exists():
         split = {{part: load_json(split_file)[part] for part in ("train", "val", "test")}}
@@ -177,7 +178,7 @@ NB01 = [
         print(f"later stages: pass data_dir={str(cohort_dir)!r}")
     else:
         cohort_dir = resolve_cohort_dir(workdir, data_dir, preset=profile, seed=seed)
-    cohort = load_cohort(cohort_dir, verbose=True)
+    cohort = load_cohort(cohort_dir, drop_incomplete=drop_incomplete, verbose=True)
     print(f"cohort folder: {cohort_dir}")
     print(f"{len(cohort.cases)} cases, {len(cohort.slides)} slides, "
           f"{0 if cohort.genes is None else cohort.genes.shape[1]:,} genes, feature dim {cohort.feat_dim}")

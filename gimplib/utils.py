@@ -22,6 +22,7 @@ __all__ = [
     "load_json",
     "save_json",
     "seed_everything",
+    "strict_json",
 ]
 
 
@@ -84,14 +85,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes 0600; give the file the mode the user's umask asks for
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Why a number was written as null (strict JSON has no NaN or infinity).
+NULL_REASON = "not a finite number ({}); undefined here, e.g. an AUC on a set that holds a single class"
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None; each mapping that had one gains a
+    ``null_reasons`` entry (key -> why), so the file stays strict JSON and says why."""
+    if isinstance(obj, dict):
+        out, reasons = {}, {}
+        for key, value in obj.items():
+            if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+                out[key] = None
+                reasons[str(key)] = NULL_REASON.format(float(value))
+            else:
+                out[key] = strict_json(value)
+        if reasons:
+            out["null_reasons"] = {**out.get("null_reasons", {}), **reasons} \
+                if isinstance(out.get("null_reasons"), dict) else reasons
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [None if isinstance(v, (float, np.floating)) and not np.isfinite(v) else strict_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        return strict_json(obj.item())
+    return obj
+
+
 def save_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically. NumPy scalars are converted."""
+    """Write ``obj`` as indented, strict JSON, atomically. NumPy scalars are converted; NaN and
+    infinity become null with a reason (see :func:`strict_json`)."""
 
     def _convert(o: Any) -> Any:
         if isinstance(o, np.generic):
@@ -104,7 +142,7 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_convert) + "\n")
+        tmp.write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, default=_convert, allow_nan=False) + "\n")
     return path
 
 

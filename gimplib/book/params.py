@@ -21,6 +21,7 @@ __all__ = [
     "ParamSet",
     "STAGE_PATTERN",
     "check_param_set",
+    "check_parameter_types",
     "declared_parameters",
     "load_param_set",
     "notebook_parameters",
@@ -125,6 +126,78 @@ def check_param_set(param_set: ParamSet, notebooks: Sequence[Path]) -> list[str]
                         f"(declared: {', '.join(sorted(declared))})"
                     )
     return problems
+
+
+def _default_value(info: dict[str, Any]) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(str(info.get("default")))
+    except (ValueError, SyntaxError):
+        return None  # an expression papermill could not evaluate either: no type to check against
+
+
+def check_parameter_types(params: dict[str, Any], declared: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """Check (and where safe, convert) each value against the type of the declared default.
+
+    A default of ``None`` accepts anything. An int default takes integers (``"3"`` is
+    converted, ``"three"`` is not); a float default takes numbers, ``"1e-4"`` included
+    (YAML reads that as text); a bool default takes true/false only; a text default takes
+    text; a list or dict default the same kind.
+
+    Args:
+        params: name -> value, as the notebook would receive them.
+        declared: :func:`declared_parameters` of the notebook.
+        where: the notebook, for the messages.
+
+    Returns:
+        ``(converted, problems)``: the values to pass, and one message per bad value naming
+        the parameter, the value, the expected type and how to write it (``-p name=...``).
+    """
+    out, problems = dict(params), []
+    for name, value in params.items():
+        if name not in declared:
+            continue
+        default = _default_value(declared[name])
+        if default is None or value is None and not isinstance(default, bool):
+            if value is None and isinstance(default, (int, float, str)) and not isinstance(default, bool):
+                problems.append(f"{where}: parameter {name} = null, but its default {default!r} is a "
+                                f"{type(default).__name__}; give a value, e.g. -p {name}={default}")
+            continue
+        ok, converted = True, value
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            if isinstance(value, str):
+                try:
+                    converted = int(value)
+                except ValueError:
+                    ok = False
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            if isinstance(value, str):
+                try:
+                    converted = float(value)
+                except ValueError:
+                    ok = False
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        elif isinstance(default, (list, tuple)):
+            ok = isinstance(value, (list, tuple))
+        elif isinstance(default, dict):
+            ok = isinstance(value, dict)
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+                type(default), f"a {type(default).__name__}")
+            example = str(default).lower() if isinstance(default, bool) else default
+            problems.append(f"{where}: parameter {name} = {value!r} ({type(value).__name__}), expected {kind} "
+                            f"like its default; e.g. -p {name}={example}")
+        else:
+            out[name] = converted
+    return out, problems
 
 
 def notebook_parameters(

@@ -20,6 +20,7 @@ import yaml
 from gimplib.book.params import (
     ParamError,
     check_param_set,
+    check_parameter_types,
     declared_parameters,
     load_param_set,
     notebook_parameters,
@@ -95,6 +96,7 @@ def execute_notebook(
     cwd: str | os.PathLike | None = None,
     failed_dir: str | os.PathLike | None = None,
     log_output: bool = False,
+    progress: bool = False,
 ) -> float:
     """Execute one notebook with papermill; the executed copy appears at ``dst`` only on success.
 
@@ -105,6 +107,7 @@ def execute_notebook(
         cwd: the kernel's working directory (default: ``dst``'s folder).
         failed_dir: where a failing notebook's partial copy is kept (default: beside ``dst``).
         log_output: echo the cells' output while running.
+        progress: show papermill's bar (cell n of m) while running.
 
     Returns:
         Seconds the execution took.
@@ -127,8 +130,12 @@ def execute_notebook(
             parameters=parameters,
             kernel_name="python3",
             cwd=str(cwd or dst.parent),
-            progress_bar=False,
+            progress_bar=progress,
             log_output=log_output,
+            # Kernel logs are noise on a successful run: a start-up warning about unencrypted local
+            # TCP, and "KeyboardInterrupt caught in kernel" (jupyter_client interrupts the kernel
+            # before every shutdown). A failing cell still reports through its error output.
+            extra_arguments=["--log-level=CRITICAL"],
         )
     except PapermillExecutionError as err:
         kept = _keep_failed(partial, src.stem, failed_dir or dst.parent)
@@ -192,6 +199,8 @@ def run_book(
     build: bool = True,
     log_output: bool = False,
     quiet_build: bool = False,
+    progress: bool = False,
+    papermill_dir: str | os.PathLike | None = None,
 ) -> BookRun:
     """Execute the stage notebooks with a parameter set, then build the book.
 
@@ -208,6 +217,9 @@ def run_book(
         build: build the HTML after executing.
         log_output: echo the notebooks' output while they run.
         quiet_build: pass ``-q`` to jupyter-book.
+        progress: show each notebook's progress (cell n of m) while it runs.
+        papermill_dir: only write each selected notebook's parameters, checked and flat, to
+            ``papermill_dir/<stem>.yaml`` (what ``papermill -f`` reads) and return.
 
     Returns:
         A :class:`BookRun`.
@@ -225,6 +237,8 @@ def run_book(
     param_set = load_param_set(params, root / "notebooks" / "params")
 
     if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise ParamError(f"--data-dir {data_dir}: folder not found; expected a cohort folder with dataset.csv")
         param_set.common["data_dir"] = str(Path(data_dir).resolve())
     elif isinstance(param_set.common.get("data_dir"), str):
         param_set.common["data_dir"] = str((root / param_set.common["data_dir"]).resolve())
@@ -246,26 +260,42 @@ def run_book(
         for key in overrides or {}:
             if not any(key in declared_parameters(nb) for nb in selected):
                 problems.append(f"override {key!r} is a parameter of none of {[nb.stem for nb in selected]}")
+        for nb in selected:  # a value of the wrong type fails here, not in a cell minutes later
+            declared = declared_parameters(nb)
+            _, bad = check_parameter_types(notebook_parameters(param_set, nb.stem, overrides, declared), declared,
+                                           nb.stem)
+            problems += bad
         if problems:
             raise ParamError("the parameter set does not fit the notebooks:\n  " + "\n  ".join(problems))
     for nb in notebooks:
         if nb.stem not in stems_in_toc:
             print(f"note: {nb.name} is not listed in _toc.yml; it runs but the book does not show it")
 
+    if papermill_dir is not None:
+        for nb in selected:
+            declared = declared_parameters(nb)
+            parameters, _ = check_parameter_types(notebook_parameters(param_set, nb.stem, overrides, declared),
+                                                  declared, nb.stem)
+            _write_papermill_file(Path(papermill_dir) / f"{nb.stem}.yaml", parameters)
+            print(f"papermill {nb.relative_to(root)} OUT.ipynb -f {Path(papermill_dir) / f'{nb.stem}.yaml'}")
+        return BookRun(seconds={}, build_seconds=None, build_status=None, html=build_dir / "html")
     copy_sources(root, site)
     runs = load_runs(site)
     seconds: dict[str, float] = {}
     if execute:
         work.mkdir(parents=True, exist_ok=True)
         for nb in selected:
-            parameters = notebook_parameters(param_set, nb.stem, overrides, declared_parameters(nb))
+            declared = declared_parameters(nb)
+            parameters, _ = check_parameter_types(notebook_parameters(param_set, nb.stem, overrides, declared),
+                                                  declared, nb.stem)
+            _write_papermill_file(build_dir / "params" / param_set.name / f"{nb.stem}.yaml", parameters)
             text, synthetic = describe_data(parameters)
             print(f"[{nb.stem}] executing with '{param_set.name}' parameters ...", flush=True)
             try:
                 with kernel_environment():
                     took = execute_notebook(
                         nb, site / "notebooks" / nb.name, parameters,
-                        cwd=work, failed_dir=build_dir / "failed", log_output=log_output,
+                        cwd=work, failed_dir=build_dir / "failed", log_output=log_output, progress=progress,
                     )
             except NotebookFailed as err:
                 runs[nb.stem] = {"status": "failed", "params": param_set.name}
@@ -283,8 +313,8 @@ def run_book(
             insert_banner(
                 site / "notebooks" / nb.name,
                 f"Executed for this build with the parameter set **{param_set.name}** on {text}. "
-                f"Finished {finished} UTC in {took:.1f} s. "
-                f"Rerun: `python -m gimplib.book --params {param_set.name} --only {nb.stem[:2]}`.",
+                f"Finished {finished} UTC in {took:.1f} s. " + _reused_note(site / "notebooks" / nb.name)
+                + f"Rerun: `{_rerun_command(param_set.name, nb.stem, data_dir, workdir, overrides)}`.",
                 kind,
             )
             print(f"[{nb.stem}] done in {took:.1f} s", flush=True)
@@ -326,11 +356,52 @@ def run_book(
     return BookRun(seconds=seconds, build_seconds=build_seconds, build_status=status, html=html)
 
 
+def _reused_note(nb_path: Path) -> str:
+    """A sentence naming the training runs an executed notebook reused instead of training (with dates)."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+    dates = re.findall(r"reusing the finished run in \S+ \(finished ([^;]+);", text)
+    if not dates:
+        return ""
+    return (f"{len(dates)} of its training runs were reused, unchanged, from earlier runs (finished "
+            f"{', '.join(sorted(set(dates)))}); `-p overwrite=true` trains them again. ")
+
+
+def _rerun_command(params: str, stem: str, data_dir: Any, workdir: Any, overrides: dict[str, Any] | None) -> str:
+    """The runner command that reruns one stage as this build ran it."""
+    import shlex
+
+    parts = ["python", "-m", "gimplib.book", "--params", params, "--only", stem[:2]]
+    if data_dir is not None:
+        parts += ["--data-dir", str(data_dir)]
+    if workdir is not None:
+        parts += ["--workdir", str(workdir)]
+    for key, value in (overrides or {}).items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        parts += ["-p", f"{key}={text}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _write_papermill_file(path: Path, parameters: dict[str, Any]) -> None:
+    """One flat YAML per stage, as ``papermill -f`` reads it (the sets themselves are sectioned)."""
+    from gimplib.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("# written by python -m gimplib.book; use with: papermill NOTEBOOK OUT -f THIS_FILE\n"
+                       + yaml.safe_dump(parameters, sort_keys=True))
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML; quote text, e.g. -p {key}='\"...\"'") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,15 +412,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--params", default="demo", help="parameter set: smoke, demo, paper or a YAML path (default demo)")
     parser.add_argument("--data-dir", help="cohort folder (CLAM layout); default: the set's, else the synthetic cohort")
-    parser.add_argument("--workdir", help="the notebooks' workdir (default: _build/workdir/<set>)")
-    parser.add_argument("--only", action="append", help="execute only notebooks whose stem starts with this (repeatable; '02' or '02,03')")
+    parser.add_argument("--workdir", help="the notebooks' workdir (default: the set's, else _build/workdir/<set>)")
+    parser.add_argument("--only", action="append", help="execute only notebooks whose stem starts with this (repeatable; '02' or '02,03'; default: all)")
     parser.add_argument("-p", "--param", action="append", type=_parse_override, default=[], metavar="NAME=VALUE",
-                        help="override a parameter in every notebook that declares it (value parsed as YAML)")
+                        help="override a parameter in every notebook that declares it (value parsed as YAML, checked "
+                             "against the type of the notebook's default; repeatable)")
     parser.add_argument("--root", default=None, help="book root (default: current folder if it has _toc.yml, else the source checkout)")
     parser.add_argument("--output", default=None, help="folder that receives _build/ (default: the root)")
-    parser.add_argument("--no-build", action="store_true", help="execute only; do not build the HTML")
-    parser.add_argument("--no-execute", action="store_true", help="build from the executed copies already in _build/site")
-    parser.add_argument("--log-output", action="store_true", help="echo the notebooks' output while they run")
+    parser.add_argument("--no-build", action="store_true", help="execute only; do not build the HTML (default: build)")
+    parser.add_argument("--no-execute", action="store_true",
+                        help="build from the executed copies already in _build/site (default: execute)")
+    parser.add_argument("--papermill-files", metavar="DIR", default=None,
+                        help="write each notebook's parameters as a flat YAML for 'papermill -f' into DIR and stop "
+                             "(default: off; the sets themselves have sections papermill cannot read)")
+    parser.add_argument("--log-output", action="store_true", help="echo the notebooks' output while they run (default off)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no per-notebook progress bar (default: cell n of m is shown while each notebook runs)")
     args = parser.parse_args(argv)
 
     root = Path(args.root) if args.root else Path.cwd()
@@ -364,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_book(
             args.params, root=root, output=args.output, workdir=args.workdir, data_dir=args.data_dir,
             only=only or None, overrides=dict(args.param), execute=not args.no_execute,
-            build=not args.no_build, log_output=args.log_output,
+            build=not args.no_build, log_output=args.log_output, progress=not args.no_progress,
+            papermill_dir=args.papermill_files,
         )
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -373,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
     total = time.perf_counter() - start
+    if args.papermill_files:
+        return 0
     print("\nseconds per notebook:")
     for stem, took in result.seconds.items():
         print(f"  {stem:<16} {took:8.1f}")

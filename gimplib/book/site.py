@@ -87,7 +87,26 @@ def describe_data(params: dict[str, Any]) -> tuple[str, bool]:
             "`gimplib.data.synthetic`; its figures and numbers describe simulated data, not patients",
             True,
         )
+    random = random_encoder_bags(data_dir)
+    if random:
+        return (f"the cohort folder `{data_dir}`, whose bag features come from a **randomly initialised "
+                f"encoder** (`gimp-extract --random-weights`, {random}): they carry no image content, so the "
+                "figures and numbers test the pipeline, not a model", True)
     return f"the cohort folder `{data_dir}`", False
+
+
+def random_encoder_bags(data_dir: str | os.PathLike) -> str | None:
+    """``"n of m bags"`` when a cohort's bags record a random encoder (gimp-extract), else None."""
+    from gimplib.data.bags import bag_encoder
+
+    bags = sorted(Path(data_dir).glob("h5_files/*.h5"))
+    random = 0
+    for path in bags:
+        try:
+            random += bag_encoder(path).get("encoder_weights") == "random"
+        except Exception:  # unreadable bags are the cohort loader's to report
+            continue
+    return f"{random} of {len(bags)} bags" if random else None
 
 
 def git_commit(root: Path) -> str:

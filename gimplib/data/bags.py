@@ -26,7 +26,8 @@ import torch
 
 from gimplib.utils import DataError, atomic_path
 
-__all__ = ["Bag", "BagReader", "bag_cache_info", "bag_info", "read_bag", "set_bag_cache", "write_bag", "write_bag_pt"]
+__all__ = [
+    "Bag", "BagReader", "bag_cache_info", "bag_encoder", "bag_info", "read_bag", "set_bag_cache", "write_bag", "write_bag_pt"]
 
 BAG_SUFFIXES = (".h5", ".pt")
 
@@ -372,6 +373,7 @@ def write_bag(
     dtype: str = "float32",
     chunk_rows: int = 1024,
     coords_dtype: str = "int64",
+    file_attrs: dict | None = None,
 ) -> Path:
     """Write a bag as CLAM does (chunked, resizable datasets), atomically.
 
@@ -384,6 +386,8 @@ def write_bag(
         dtype: stored feature dtype, ``float32`` (CLAM's) or ``float16``.
         chunk_rows: rows per HDF5 chunk.
         coords_dtype: stored coords dtype (CLAM's ``extract_features_fp.py`` writes int32).
+        file_attrs: attributes of the file itself (gimp-extract records the encoder and its
+            weights' identity there, see :func:`bag_encoder`).
 
     Returns:
         ``path``.
@@ -408,7 +412,24 @@ def write_bag(
                 )
                 for key, value in (attrs or {}).items():
                     ds.attrs[key] = value
+            for key, value in (file_attrs or {}).items():
+                f.attrs[key] = value
     return path
+
+
+def bag_encoder(path: str | os.PathLike) -> dict[str, str]:
+    """The encoder a bag's features came from, as gimp-extract records it.
+
+    Returns:
+        ``{"encoder": ..., "encoder_weights": ...}`` where ``encoder_weights`` is
+        ``"sha256:<hex>"`` of the weights file or ``"random"``; empty for a ``.pt`` bag or
+        an ``.h5`` written by other tools (CLAM records nothing).
+    """
+    path = Path(path)
+    if path.suffix != ".h5":
+        return {}
+    with _open_h5(path) as f:
+        return {k: str(f.attrs[k]) for k in ("encoder", "encoder_weights") if k in f.attrs}
 
 
 def write_bag_pt(path: str | os.PathLike, feats: np.ndarray | torch.Tensor) -> Path:

@@ -9,6 +9,7 @@ and fails with a message that names the file, slide or case at fault.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from gimplib.data.bags import bag_info
+from gimplib.data.bags import bag_encoder, bag_info
 from gimplib.data.genes import (
     _is_normal_sample,
     is_tcga_barcode,
@@ -199,7 +200,38 @@ def _read_dataset_csv(path: Path) -> pd.DataFrame:
     return df
 
 
+#: A class with fewer cases than this gets a warning (its metrics mean little).
+MIN_CLASS_CASES = 5
+
+
+def _check_label_spellings(df: pd.DataFrame, path: Path) -> None:
+    """Labels that differ only in case or spaces (``luad`` beside ``LUAD``) are one class mistyped."""
+    raw = df.drop_duplicates("case_id")[["case_id", "label"]]
+    groups: dict[str, list[str]] = {}
+    for lab in raw["label"].unique():
+        groups.setdefault(" ".join(str(lab).split()).casefold(), []).append(str(lab))
+    clashes = [names for names in groups.values() if len(names) > 1]
+    if clashes:
+        parts = []
+        for names in clashes:
+            for name in names:
+                cases = raw.loc[raw["label"] == name, "case_id"].tolist()
+                parts.append(f"{name!r} ({len(cases)} case(s), e.g. {cases[:3]})")
+        raise DataError(f"{path}: labels differ only in upper/lower case or spaces: {', '.join(parts)}; "
+                        "spell each class one way in the label column")
+
+
+def _warn_random_encoder(paths: Sequence[Path], data_dir: Path) -> None:
+    """Bags from a randomly initialised encoder (``gimp-extract --random-weights``) carry no image content."""
+    random = [p for p in paths if bag_encoder(p).get("encoder_weights") == "random"]
+    if random:
+        warnings.warn(f"{data_dir}: {len(random)} of {len(paths)} bag(s) were extracted with a RANDOM encoder "
+                      f"(gimp-extract --random-weights), e.g. {random[0].name}: their features carry no image "
+                      "content, so any result on them is a test of the pipeline, not of a model", stacklevel=3)
+
+
 def _label_names(df: pd.DataFrame, labels: Sequence[str] | Mapping[str, int] | None, path: Path) -> tuple[list[str], dict[str, int]]:
+    _check_label_spellings(df, path)
     if labels is None:
         names = sorted(df["label"].unique().tolist())
         return names, {n: i for i, n in enumerate(names)}
@@ -320,6 +352,11 @@ def load_cohort(
         raise ValueError(f"require: unknown modality {bad}; expected a subset of {MODALITIES}")
     if not require:
         raise DataError(f"{data_dir}: neither h5_files/ nor pt_files/ nor a gene table ({', '.join(GENE_FILES)}) found")
+    if slide_dirs and "slide_id" not in df.columns and "slides" in require:
+        n_bags = sum(1 for d in slide_dirs for _ in d.glob("*.*"))
+        raise DataError(f"{csv_path}: no 'slide_id' column (has {list(df.columns)}), but {n_bags} bag(s) sit in "
+                        f"{', '.join(d.name + '/' for d in slide_dirs)}; expected columns case_id, slide_id, label "
+                        "(slide_id: each bag's file name without .h5/.pt)")
     if "slides" in require and "slides" not in available:
         what = "no 'slide_id' column in dataset.csv" if slide_dirs else "no h5_files/ or pt_files/ folder"
         raise DataError(f"{data_dir}: slides required but {what}")
@@ -351,6 +388,7 @@ def load_cohort(
 
             iterator = tqdm(records, desc="bag shapes", leave=False)
         shapes = [bag_info(path) for _, _, path in iterator]
+        _warn_random_encoder([path for _, _, path in records], data_dir)
         if records:
             dims = Counter(d for _, d in shapes)
             feat_dim = dims.most_common(1)[0][0]
@@ -404,7 +442,8 @@ def load_cohort(
                 f"{len(missing_slide)} case(s) have a slide with no bag in h5_files/ or pt_files/: "
                 f"{shown}{' ...' if len(missing_slide) > 10 else ''}"
             )
-        raise DataError(f"{csv_path}: " + "; ".join(lines) + "; pass drop_incomplete=True to drop them")
+        raise DataError(f"{csv_path}: " + "; ".join(lines) + "; to drop them, pass drop_incomplete=True "
+                        "(book runner: -p drop_incomplete=true; gimp-train: --drop-incomplete)")
     if verbose and (incomplete or partial):
         n_slides = sum(len(s) for s in missing_slide.values())
         print(
@@ -422,6 +461,11 @@ def load_cohort(
         index=pd.Index(keep, name="case_id"),
     )
     cases["y"] = cases["label"].map(mapping).astype(np.int64)
+    counts = cases["label"].value_counts()
+    small = {name: int(n) for name, n in counts.items() if n < MIN_CLASS_CASES}
+    if small:
+        warnings.warn(f"{csv_path}: class(es) with fewer than {MIN_CLASS_CASES} cases: {small}; their "
+                      "metrics will rest on a handful of cases (check the label column)", stacklevel=2)
     if "slides" in require:
         slides = slides[slides["case_id"].isin(set(keep))].reset_index(drop=True)
         per_case = slides.groupby("case_id")["n_patches"].agg(["size", "sum"])

@@ -388,7 +388,8 @@ class GeneTransform:
             r, c = (int(v[0]) for v in np.nonzero(x < 0))
             raise DataError(
                 f"negative gene value {x[r, c]} (case {df.index[r]!r}, gene {genes[c]!r}); log2p1 "
-                "expects non-negative FPKM/TPM/counts -- use transform='none' for normalised values"
+                "expects non-negative FPKM/TPM/counts; for normalised values (z-scores, log values) use "
+                "gene_transform='none' (book runner: -p gene_transform=none; gimp-train: --set gene_transform=none)"
             )
         return np.log2(x.astype(np.float32) + np.float32(1.0))
 

@@ -446,6 +446,29 @@ def _request(preset: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]
     )
 
 
+#: The file gimp-synth writes into every cohort it makes; ``overwrite`` removes only such folders.
+MARKER = ".gimp-synth"
+#: Everything gimp-synth writes into a cohort folder (anything else there is the user's).
+_OWN_FILES = {MARKER, "cohort.json", "dataset.csv", "genes.parquet", "gene_symbols.csv", "h5_files"}
+
+
+def _check_own(out_dir: Path) -> None:
+    """Refuse to replace a folder this tool did not write, or one holding anything else."""
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; gimp-synth replaces only cohorts it wrote. "
+                        "Choose another folder.")
+    if not (out_dir / MARKER).is_file():
+        raise DataError(f"{out_dir}: not a cohort written by gimp-synth (no {MARKER} file); it may hold real "
+                        "data, so it is never replaced. Choose another folder.")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES)
+    foreign += sorted(f"h5_files/{p.name}" for p in (out_dir / "h5_files").glob("*") if p.suffix != ".h5") \
+        if (out_dir / "h5_files").is_dir() else []
+    if foreign:
+        raise DataError(f"{out_dir}: a gimp-synth cohort that now also holds {foreign[:5]}"
+                        f"{' ...' if len(foreign) > 5 else ''}, which gimp-synth did not write; it is not "
+                        "replaced. Move those files out, or choose another folder.")
+
+
 def _matches(out_dir: Path, request: dict[str, Any]) -> tuple[bool, str]:
     meta = out_dir / "cohort.json"
     if not meta.exists():
@@ -505,13 +528,21 @@ def generate_cohort(
             ok, why = _matches(out_dir, request)
             if ok:
                 return out_dir
+            if not (out_dir / MARKER).is_file():
+                raise DataError(f"{out_dir}: exists and is not a cohort written by gimp-synth ({why}); "
+                                "choose another folder")
             raise DataError(
-                f"{out_dir}: holds a different cohort ({why}); pass overwrite=True "
-                "(--overwrite) to replace it, or choose another folder"
+                f"{out_dir}: holds a different cohort ({why}), also written by gimp-synth; replace it with overwrite=True "
+                "(gimp-synth --overwrite), or choose another folder"
             )
+    if out_dir.exists() and overwrite:
+        _check_own(out_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700: colleagues in a shared folder could not read it
     try:
         _build(tmp, seed, settings, request, progress)
         _install(tmp, out_dir, request, overwrite)
@@ -554,6 +585,7 @@ def _build(tmp: Path, seed: int, settings: dict[str, Any], request: dict[str, An
         slides=[{k: round6(v) for k, v in r.items()} for r in facts],
     )
     save_json(tmp / "cohort.json", meta)
+    (tmp / MARKER).write_text("written by gimplib.data.synthetic (gimp-synth); overwrite removes only such folders\n")
 
 
 def _install(tmp: Path, out_dir: Path, request: dict[str, Any], overwrite: bool) -> None:
@@ -607,14 +639,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``gimp-synth``: write a synthetic cohort folder."""
     parser = argparse.ArgumentParser(prog="gimp-synth", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="destination cohort folder")
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="size preset (default demo)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed and settings give identical files (default 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing cohort written by gimp-synth (one with its {MARKER} file and "
+                             "nothing else); any other folder is refused (default: off)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     knobs = {**PRESETS["demo"], **KNOBS}
     group = parser.add_argument_group("settings (default: the preset's)")
     for key, value in knobs.items():
-        group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None)
+        group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None,
+                           help=f"default: the preset's (demo: {value!r})")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
     try:

@@ -20,6 +20,8 @@ from gimplib.utils import atomic_path, exists
 __all__ = [
     "ConfigMismatchError",
     "NonFiniteLossError",
+    "NotACheckpointError",
+    "StaleRunError",
     "compare_configs",
     "load_checkpoint",
     "normalize_config",
@@ -31,6 +33,14 @@ __all__ = [
 
 class ConfigMismatchError(ValueError):
     """A checkpoint or run folder belongs to another configuration."""
+
+
+class StaleRunError(ConfigMismatchError):
+    """A finished or interrupted run was made from other inputs (data or upstream runs)."""
+
+
+class NotACheckpointError(ValueError):
+    """A file that is not a gimplib checkpoint (truncated, another format, or not one at all)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,7 +73,8 @@ def compare_configs(saved: Mapping[str, Any], requested: Mapping[str, Any], wher
     if diffs:
         raise ConfigMismatchError(
             f"{where} was written by another configuration:\n" + "\n".join(diffs)
-            + "\nUse another out_dir, or overwrite=True to start this one afresh."
+            + "\nUse another out_dir, or start this one afresh with overwrite=True "
+            "(book runner: -p overwrite=true; gimp-train: --overwrite)."
         )
 
 
@@ -130,10 +141,15 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # a truncated or foreign file; torch's own advice (weights_only=False) is unsafe
+        kind = type(err).__name__
+        raise NotACheckpointError(
+            f"{path} is not a gimplib checkpoint (truncated or another format: {kind}); expected the "
+            "checkpoint.pt / best.pt of a gimp-train run"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a gimplib checkpoint (expected a dict with 'model' and 'config')")
+        raise NotACheckpointError(f"{path} is not a gimplib checkpoint (expected a dict with 'model' and 'config', "
+                                  "as in the checkpoint.pt / best.pt of a gimp-train run)")
     if exists(expected_config):
         compare_configs(ckpt["config"], expected_config, where=f"checkpoint {path}")
     return ckpt

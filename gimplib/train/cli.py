@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,25 +32,28 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gimp-train", description="Train GiMP, its stages and its baselines.")
     p.add_argument("task", choices=sorted(_REQUIRES), help="which training task to run")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-dir", type=Path, help="cohort folder in CLAM's layout")
+    src.add_argument("--data-dir", type=Path, help="cohort folder in CLAM's layout (no default: give it or --synthetic)")
     src.add_argument("--synthetic", metavar="PRESET",
-                     help="generate/reuse a synthetic cohort (smoke, demo, paper) in OUT/cohort")
-    p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--name", help="baseline name (task baseline)")
-    p.add_argument("--gene-ckpt", type=Path, help="gene encoder best.pt (task pretrain)")
-    p.add_argument("--pretrained-ckpt", type=Path, help="pretraining checkpoint.pt (task finetune)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
-    p.add_argument("--clam-split", type=Path, help="a CLAM splits_{k}.csv to use instead")
-    p.add_argument("--k", type=int, help="number of folds (with --fold)")
-    p.add_argument("--fold", type=int, help="fold index of a patient-grouped k-fold split")
-    p.add_argument("--num-epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other task keyword")
-    p.add_argument("--overwrite", action="store_true", help="start afresh instead of reusing/resuming")
-    p.add_argument("--no-progress", action="store_true")
+                     help="generate/reuse a synthetic cohort (smoke, demo, paper) in OUT/cohort (default: none, use --data-dir)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (required, no default)")
+    p.add_argument("--name", help="baseline name (task baseline; e.g. abmil, transmil, porpoise; no default)")
+    p.add_argument("--gene-ckpt", type=Path, help="gene encoder best.pt (task pretrain; default: none)")
+    p.add_argument("--pretrained-ckpt", type=Path, help="pretraining checkpoint.pt (task finetune; default: none)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+    p.add_argument("--clam-split", type=Path, help="a CLAM splits_{k}.csv to use instead (default: none)")
+    p.add_argument("--k", type=int, help="number of folds (with --fold; default 5)")
+    p.add_argument("--fold", type=int, help="fold index of a patient-grouped k-fold split (default: no folds)")
+    p.add_argument("--num-epochs", type=int, help="training epochs (default: the task's, e.g. 50 genes, 70 finetune)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the task's)")
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    p.add_argument("--drop-incomplete", action="store_true",
+                   help="drop cases missing a required modality instead of stopping (default: stop and list them)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other task keyword, value read as YAML (repeatable; default: the task's defaults)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh instead of reusing/resuming (default off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     return p
 
 
@@ -62,8 +67,14 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _EXPONENT.match(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-4 (no dot) as text
+        node[leaf] = parsed
     return out
+
+
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if gene_encoder_spec(checkpoint.load_checkpoint(args.pretrained_ckpt)) is not None:
                 require = ("slides", "genes")  # the classifier reads concat(CLS_img, CLS_ge)
-        cohort = load_cohort(data_dir, require=require)
+        cohort = load_cohort(data_dir, require=require, drop_incomplete=args.drop_incomplete)
         if args.clam_split:
             split = read_clam_split(args.clam_split, cohort)
         elif args.fold is not None:
@@ -113,10 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.name:
                 raise SystemExit("task baseline needs --name (e.g. abmil, transmil, porpoise)")
             result = tasks.train_baseline(args.name, cohort, split, **kwargs)
-    except (DataError, checkpoint.ConfigMismatchError, checkpoint.NonFiniteLossError, FileNotFoundError) as err:
-        print(f"gimp-train: {err}", file=sys.stderr)
+    except (DataError, checkpoint.ConfigMismatchError, checkpoint.NotACheckpointError, checkpoint.NonFiniteLossError,
+            FileNotFoundError, ValueError, TypeError) as err:
+        if os.environ.get("GIMP_DEBUG"):
+            raise
+        print(f"gimp-train: error: {err}", file=sys.stderr)
+        if not isinstance(err, (DataError, checkpoint.ConfigMismatchError, checkpoint.NotACheckpointError,
+                                FileNotFoundError)):
+            print("gimp-train: (set GIMP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-    print(json.dumps(result.metrics, indent=2, sort_keys=True, default=str))
+    from gimplib.utils import strict_json
+
+    print(json.dumps(strict_json(result.metrics), indent=2, sort_keys=True, allow_nan=False))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -16,13 +17,23 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gimplib.metrics import classification_metrics
+from gimplib.train.checkpoint import ConfigMismatchError, StaleRunError
 from gimplib.train.engine import BEST, CHECKPOINT, HISTORY, compare_configs, normalize_config, to_device
+from gimplib.train.inputs import (  # noqa: F401  (check_upstream, run_inputs: re-exported for the tasks)
+    INPUTS,
+    RERUN_HINT,
+    changed_inputs,
+    check_upstream,
+    data_fingerprint,
+    detail_of,
+    run_inputs,
+)
 from gimplib.utils import DataError, exists, load_json, save_json
 
-__all__ = ["RunResult", "load_run"]
+__all__ = ["RunResult", "data_fingerprint", "load_run", "run_inputs"]
 
 CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.csv"
-RUN_FILES = (CHECKPOINT, BEST, HISTORY, METRICS, PREDICTIONS, CONFIG)
+RUN_FILES = (CHECKPOINT, BEST, HISTORY, METRICS, PREDICTIONS, INPUTS, CONFIG)
 SPLIT_PARTS = ("train", "val", "test")
 
 
@@ -47,6 +58,7 @@ class RunResult:
     history: pd.DataFrame
     checkpoint: Path
     predictions: pd.DataFrame | None = field(default=None, repr=False)
+    reused: bool = False
 
 
 def load_run(out_dir: str | os.PathLike) -> RunResult:
@@ -65,29 +77,95 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_run(out_dir: Path, config: Mapping[str, Any], overwrite: bool) -> RunResult | None:
+def _finished_at(path: Path) -> str:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def prepare_run(out_dir: Path, config: Mapping[str, Any], overwrite: bool,
+                inputs: Mapping[str, Any] | None = None) -> RunResult | None:
     """Reuse a finished run, check an unfinished one, or clear the folder (``overwrite``).
+
+    A run is reused only when its settings *and* its inputs are unchanged: the config's
+    ``inputs`` entry (see :func:`run_inputs`) holds digests of the cases and labels, the gene
+    table's values, every bag's size and modification time, and the upstream checkpoints.
+    A reused run is announced with its date.
+
+    Args:
+        out_dir: the run folder.
+        config: the run's config (from ``make_config``).
+        overwrite: clear the folder and train afresh.
+        inputs: the per-file detail behind ``config["inputs"]`` (written to ``inputs.json``
+            so that a later mismatch can name the bags that changed); default: the detail
+            :func:`run_inputs` computed for that entry.
 
     Returns:
         The finished run's result when it can be reused, else None (train).
+
+    Raises:
+        StaleRunError: the folder holds a run of the same settings made from other inputs
+            (the message says what changed and how to rerun).
+        ConfigMismatchError: the folder holds a run of other settings.
     """
     config = normalize_config(config)
+    detail = dict(inputs if exists(inputs) else detail_of(config.get("inputs")))
     if overwrite:
         # every rank trains afresh; only rank 0 touches the files (no rank may see the old run)
         if is_main_process():
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
-            save_json(out_dir / CONFIG, config)
+            _write_config(out_dir, config, detail)
         return None
+    if (is_main_process() and (out_dir / CONFIG).is_file()
+            and not any((out_dir / n).is_file() for n in (CHECKPOINT, BEST, METRICS))):
+        # a config with no trained epoch behind it (an earlier start that failed): nothing to lose, replace it
+        (out_dir / CONFIG).unlink()
     if (out_dir / CONFIG).is_file():
-        compare_configs(load_json(out_dir / CONFIG), config, where=f"run folder {out_dir}")
+        saved = load_json(out_dir / CONFIG)
+        settings = {k: v for k, v in saved.items() if k != "inputs"}
+        try:
+            compare_configs(settings, {k: v for k, v in config.items() if k != "inputs"}, where=f"run folder {out_dir}")
+        except ConfigMismatchError as err:
+            _check_inputs(out_dir, saved.get("inputs"), config.get("inputs"), detail, settings=str(err))
+            raise
+        _check_inputs(out_dir, saved.get("inputs"), config.get("inputs"), detail)
         if (out_dir / METRICS).is_file():
-            return load_run(out_dir)
+            if is_main_process():
+                print(f"reusing the finished run in {out_dir} (finished {_finished_at(out_dir / METRICS)}; "
+                      f"same settings and inputs); to train it again pass {RERUN_HINT}", flush=True)
+            result = load_run(out_dir)
+            result.reused = True
+            return result
     elif (out_dir / METRICS).is_file():
         raise DataError(f"{out_dir} holds {METRICS} but no {CONFIG}: not a gimplib run; use another out_dir")
     if is_main_process():
-        save_json(out_dir / CONFIG, config)
+        _write_config(out_dir, config, detail)
     return None
+
+
+def _write_config(out_dir: Path, config: Mapping[str, Any], detail: Mapping[str, Any]) -> None:
+    if detail:
+        save_json(out_dir / INPUTS, detail)
+    save_json(out_dir / CONFIG, config)
+
+
+def _check_inputs(out_dir: Path, saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None,
+                  detail: Mapping[str, Any], settings: str | None = None) -> None:
+    """Raise :class:`StaleRunError` naming what changed between a run's inputs and today's
+    (and, from ``settings``, a config mismatch found too: e.g. a relabelled case changes the split)."""
+    if saved == now:
+        return
+    finished = (out_dir / METRICS).is_file()
+    when = f"finished {_finished_at(out_dir / METRICS)}" if finished else "unfinished"
+    old_detail = load_json(out_dir / INPUTS) if (out_dir / INPUTS).is_file() else {}
+    changes = changed_inputs(saved, now, old_detail, detail)
+    if settings:
+        changes += ["and so do settings that follow from them:"] + [
+            line.strip() for line in settings.splitlines()[1:] if line.startswith("  ")]
+    raise StaleRunError(
+        f"run folder {out_dir} ({when}) was made from other inputs than today's:\n  "
+        + "\n  ".join(changes)
+        + f"\nIts results would be stale. Train it again with {RERUN_HINT}, or use another out_dir."
+    )
 
 
 def finish_run(out_dir: Path, metrics: Mapping[str, Any], predictions: pd.DataFrame | None) -> RunResult:
@@ -137,6 +215,17 @@ def check_ids(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
         for cid in split.get(part, []):
             if str(cid) not in known:
                 raise DataError(f"split part {part!r} names case {cid!r}, which the cohort does not hold")
+
+
+def check_classes(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
+    """A classifier needs two classes among its training cases: say so before any training."""
+    ids = [str(c) for c in split.get("train") or []]
+    labels = sorted(set(cohort.cases.loc[ids, "label"].astype(str))) if ids else []
+    if len(labels) < 2:
+        counts = cohort.cases["label"].astype(str).value_counts().to_dict()
+        where = cohort.data_dir if exists(cohort.data_dir) else "the cohort"
+        raise DataError(f"{where}: the training cases hold a single class {labels} (cohort label counts "
+                        f"{counts}); a classifier needs at least two classes in dataset.csv's label column")
 
 
 # --------------------------------------------------------------------------- genes

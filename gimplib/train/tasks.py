@@ -11,6 +11,7 @@ validation loss); test figures come from that epoch, with bootstrap 95% interval
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,7 +26,9 @@ from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import (
     RunResult,
     bag_sets,
+    check_classes,
     check_ids,
+    check_upstream,
     cohort_summary,
     epoch_eval_fn,
     final_evaluation,
@@ -34,6 +37,7 @@ from gimplib.train.common import (
     gene_matrix,
     loader_for,
     prepare_run,
+    run_inputs,
     split_summary,
 )
 from gimplib.train.engine import fit
@@ -65,7 +69,34 @@ def engine_options(kw: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the engine options are {sorted(out)}")
     out.update(kw)
+    _check_options(out)
     return out
+
+
+#: name -> (kind, lowest value, example): what each engine option takes.
+_OPTION_TYPES = {"num_epochs": ("int", 1, 50), "batch_size": ("int", 1, 8), "accumulate": ("int", 1, 1),
+                 "warmup_epochs": ("int", 0, 0), "seed": ("int", None, 0), "n_boot": ("int", 0, 1000),
+                 "lr": ("number", 0, "1.0e-4"), "weight_decay": ("number", 0, "1.0e-2"),
+                 "grad_clip": ("number", 0, "1.0")}
+
+
+def _check_options(opts: Mapping[str, Any]) -> None:
+    """A value of the wrong type fails here, named, before any run folder is touched
+    (``-p num_epochs=three`` would otherwise fail deep in training)."""
+    for name, (kind, low, example) in _OPTION_TYPES.items():
+        value = opts.get(name)
+        if value is None and name == "grad_clip":
+            continue
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if kind == "number":
+            ok = ok or isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not ok or (low is not None and value < low) or (name == "lr" and value == 0):
+            what = "an integer" if kind == "int" else "a number"
+            bound = "" if low is None else (f" > {low}" if name == "lr" else f" >= {low}")
+            raise ValueError(f"{name}={value!r}: expected {what}{bound} (notebook: -p {name}={example}; "
+                             f"gimp-train: --set {name}={example})")
+    if opts.get("deterministic") not in (True, False):
+        raise ValueError(f"deterministic={opts.get('deterministic')!r}: expected true or false")
 
 
 def run_supervised(*, kind: str, net: nn.Module, config: dict[str, Any], out_dir: Path, train_ds: Any,
@@ -99,9 +130,19 @@ def run_supervised(*, kind: str, net: nn.Module, config: dict[str, Any], out_dir
 
 
 def make_config(task: str, cohort: Any, split: Mapping[str, Sequence[str]], **values: Any) -> dict[str, Any]:
-    """A run's config: the task, the cohort and split identity (sizes + digest), and ``values``."""
+    """A run's config: the task, the cohort and split identity (sizes + digest), ``values``, and
+    ``inputs``: digests of the data and upstream checkpoints it reads (see
+    :func:`~gimplib.train.common.run_inputs`), so a changed input is never silently reused.
+
+    Raises:
+        DataError: the split names unknown cases, or its training part holds a single class.
+    """
     check_ids(cohort, split)
-    return {"task": task, "cohort": cohort_summary(cohort), "split": split_summary(split), **values}
+    check_classes(cohort, split)
+    check_upstream(cohort, values)
+    inputs, _ = run_inputs(cohort, values)
+    return {"task": task, "cohort": cohort_summary(cohort), "split": split_summary(split), **values,
+            "inputs": inputs}
 
 
 # --------------------------------------------------------------------------- gene encoder

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gimp-extract",
         description="Whole-slide images -> CLAM cohort folder (tissue masks, patches h5, ResNet50-trunc 1024-d features).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="a folder of slides or one slide file")
     p.add_argument("out_dir", help="output cohort folder (h5_files/, pt_files/, patches/, masks/)")
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--use-otsu", action="store_true", default=None, help="Otsu threshold instead of --sthresh")
     s.add_argument("--a-t", type=float, default=None, help="min tissue area: in 512x512 level-0 tiles (clam) or patch footprints (field)")
     s.add_argument("--a-h", type=float, default=None, help="min hole area, same unit as --a-t")
-    s.add_argument("--max-n-holes", type=int, default=None)
+    s.add_argument("--max-n-holes", type=int, default=None, help="holes kept per tissue region (default: the preset's)")
     e = p.add_argument_group("features")
     e.add_argument("--patch-only", action="store_true", help="masks and patches h5 only, no features")
     w = e.add_mutually_exclusive_group()
@@ -82,14 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--random-weights", action="store_true", help="random encoder, for tests and timing only")
     e.add_argument("--target-patch-size", type=_size_or_none, default=d.out_size,
                    help="resize patches to this side before the encoder (224 as current CLAM; 'none' as CLAM before April 2024)")
-    e.add_argument("--batch-size", type=int, default=d.batch_size)
-    e.add_argument("--num-workers", type=int, default=d.num_workers)
-    e.add_argument("--device", default=d.device)
+    e.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per forward pass")
+    e.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers reading patches")
+    e.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
     e.add_argument("--half", action="store_true", help="float16 autocast on CUDA (default float32, as CLAM)")
     p.add_argument("--max-patches", type=int, default=None, help="at most this many patches per slide (quick looks)")
     p.add_argument("--labels", default=None, help="csv/tsv with label + slide_id/case_id: writes dataset.csv")
     p.add_argument("--overwrite", action="store_true", help="redo slides already done")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (slides, and patches inside each slide)")
     return p
 
 
@@ -148,4 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts = status.status.value_counts().to_dict()
     print(f"gimp-extract: {len(status)} slide(s) {counts}; {int(status.n_patches.sum())} patches -> {args.out_dir}")
+    if config.features:
+        from pathlib import Path
+
+        have = "dataset.csv is written" if args.labels else f"add {Path(args.out_dir) / 'dataset.csv'} (case_id, slide_id, label; or rerun with --labels)"
+        print(f"next: {have}; add a gene table {Path(args.out_dir) / 'genes.csv'} (one row per case_id, one column "
+              f"per gene); then: python -m gimplib.book --params demo --data-dir {args.out_dir}")
     return 1 if counts.get("failed") else 0

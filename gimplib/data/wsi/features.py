@@ -116,6 +116,24 @@ def weights_description(*, weights: str | os.PathLike | None = None, random_weig
     return f"file:{Path(weights) if weights is not None else default_weights_path()}"
 
 
+#: The encoder name gimp-extract records in every bag (``encoder`` attribute).
+ENCODER_NAME = "resnet50_trunc"
+
+
+def weights_identity(*, weights: str | os.PathLike | None = None, random_weights: bool = False) -> str:
+    """What a bag records about the encoder's weights: ``"random"`` or ``"sha256:<hex>"`` of the file."""
+    import hashlib
+
+    if random_weights:
+        return "random"
+    path = Path(weights) if weights is not None else default_weights_path()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
 def build_encoder(
     *, weights: str | os.PathLike | None = None, random_weights: bool = False, seed: int = 0
 ) -> tuple[ResNet50Trunc, str]:
@@ -240,12 +258,14 @@ def embed_patches(
 
     out = []
     autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if half else contextlib.nullcontext()
-    with autocast:
-        for images in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    with autocast, tqdm(total=total, desc=desc, unit="patch", disable=not progress, leave=False) as bar:
+        for images in loader:
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             out.append(model(images).float().cpu())
+            bar.update(len(images))  # patches/s and time left inside the slide
     return torch.cat(out).numpy()
 
 

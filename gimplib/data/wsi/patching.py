@@ -195,7 +195,7 @@ def write_patches_h5(path: str | os.PathLike, grid: PatchGrid, name: str) -> Pat
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("coords", data=grid.coords, maxshape=(None, 2), chunks=(min(len(grid), 1024), 2))
-            for key, value in grid.attrs(name, path.parent).items():
+            for key, value in grid.attrs(name, path.parent.resolve()).items():
                 ds.attrs[key] = value
     return path
 

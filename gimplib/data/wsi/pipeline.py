@@ -163,6 +163,7 @@ def process_slide(
     config: ExtractConfig | None = None,
     *,
     encoder: Any = None,
+    encoder_weights: str | None = None,
     progress: bool = False,
 ) -> dict:
     """Segment, patch and (optionally) embed one slide into ``out_dir``.
@@ -172,7 +173,9 @@ def process_slide(
         out_dir: the cohort folder (sub-folders are created).
         config: settings.
         encoder: a built encoder (:func:`build_encoder`); built from ``config`` when None.
-        progress: tqdm bar over batches.
+        encoder_weights: the identity of ``encoder``'s weights (:func:`weights_identity`),
+            recorded in the bag's ``encoder_weights`` attribute; computed from ``config`` when None.
+        progress: tqdm bar over the slide's patches (patches/s and time left).
 
     Returns:
         ``dict(slide_id, n_patches, seconds, patch_level, patch_size, tissue_fraction)``.
@@ -192,10 +195,12 @@ def process_slide(
     grid.subset(_subsample(len(grid), config.max_patches))
     write_patches_h5(out_dir / "patches" / f"{sid}.h5", grid, sid)
     if config.features:
-        from gimplib.data.wsi.features import build_encoder, extract_features
+        from gimplib.data.wsi.features import ENCODER_NAME, build_encoder, extract_features, weights_identity
 
         if encoder is None:
             encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+        if encoder_weights is None:
+            encoder_weights = weights_identity(weights=config.weights, random_weights=config.random_weights)
         feats = extract_features(
             slide_path,
             grid.coords,
@@ -213,8 +218,9 @@ def process_slide(
         if not np.isfinite(feats).all():
             raise DataError(f"slide {slide_path}: the encoder produced NaN/inf features")
         write_bag(
-            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, out_dir / "h5_files"),
+            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, (out_dir / "h5_files").resolve()),
             coords_dtype="int32" if config.mode == "clam" else "int64",  # CLAM's extract_features_fp.py: int32
+            file_attrs={"encoder": ENCODER_NAME, "encoder_weights": encoder_weights},
         )
         write_bag_pt(out_dir / "pt_files" / f"{sid}.pt", feats)
     return {
@@ -311,7 +317,8 @@ def _check_settings(path: Path, settings: dict) -> None:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
         raise DataError(
             f"{path}: this folder was made with other settings ({detail}); use another output "
-            "folder, or overwrite=True (--overwrite) to redo every slide"
+            "folder, or redo every slide with overwrite=True (gimp-extract: --overwrite; book runner: "
+            "-p overwrite=true)"
         )
 
 
@@ -366,9 +373,16 @@ def process_slides(
     if dupes:
         raise DataError(f"{source}: several slide files share the slide id(s) {dupes}")
     todo = [p for p, sid in zip(slides, ids) if overwrite or not _is_done(out_dir, sid, config.features)]
-    encoder, desc = None, None
+    if labels is not None:  # a wrong labels path or slide ids fail now, not after hours of extraction
+        table = _read_labels(labels)
+        unlabelled = [sid for sid in ids if _label_of(sid, table, {}, {}) is None]
+        if unlabelled:
+            raise DataError(f"{table['name']}: no label for slide(s) {unlabelled[:5]}"
+                            f"{' ...' if len(unlabelled) > 5 else ''} of {source}; expected a row per slide "
+                            f"(slide_id column, e.g. {unlabelled[0]!r}) or per patient (case_id column)")
+    encoder, desc, identity = None, None, None
     if config.features:
-        from gimplib.data.wsi.features import build_encoder, weights_description
+        from gimplib.data.wsi.features import build_encoder, weights_description, weights_identity
 
         desc = weights_description(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
     settings = _settings(config, desc)
@@ -377,34 +391,73 @@ def process_slides(
         _check_settings(settings_path, settings)
     if config.features and todo:  # fails early (missing weights) before any slide is touched
         encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+        identity = weights_identity(weights=config.weights, random_weights=config.random_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     if todo or not settings_path.is_file():
         save_json(settings_path, settings)
     status_path = out_dir / "extract_status.csv"
     rows = []
-    bar = tqdm(list(zip(slides, ids)), desc="slides", disable=not progress)
+    bar = tqdm(list(zip(slides, ids)), desc="slides", unit="slide", disable=not progress)
     for path, sid in bar:
         bar.set_postfix_str(sid[:40])
-        row = {"slide_id": sid, "path": str(path), "error": ""}
+        row = {"slide_id": sid, "path": str(path.resolve()), "error": ""}
         if path not in todo:
             if config.features:
                 n = bag_info(out_dir / "h5_files" / f"{sid}.h5")[0]
             else:
                 n = len(read_patches_h5(out_dir / "patches" / f"{sid}.h5")[0])
             row.update(status="skipped", n_patches=n, seconds=0.0)
-        else:
-            start = time.perf_counter()
-            try:
-                result = process_slide(path, out_dir, config, encoder=encoder, progress=False)
-                row.update(status="done", n_patches=result["n_patches"], seconds=result["seconds"])
-            except Exception as err:  # one bad slide must not stop a night's run
-                row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
-                tqdm.write(f"failed: {sid}: {err}", file=sys.stderr)
+            rows.append(row)
+            if not _has_status(status_path, sid):  # keep the slide's original status and time on resume
+                _write_status(status_path, [{**row, "status": "done", "seconds": float("nan")}])
+            continue
+        start = time.perf_counter()
+        try:
+            result = process_slide(path, out_dir, config, encoder=encoder, encoder_weights=identity,
+                                   progress=progress)
+            row.update(status="done", n_patches=result["n_patches"], seconds=result["seconds"])
+        except Exception as err:  # one bad slide must not stop a night's run
+            row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
+            tqdm.write(f"failed: {sid}: {err}", file=sys.stderr)
         rows.append(row)
         _write_status(status_path, [row])
     if labels is not None:
         update_dataset_csv(out_dir, labels)
     return pd.DataFrame(rows, columns=STATUS_COLUMNS)
+
+
+def _has_status(path: Path, sid: str) -> bool:
+    if not path.is_file():
+        return False
+    return sid in set(pd.read_csv(path, dtype={"slide_id": str}).slide_id)
+
+
+def _read_labels(labels: str | os.PathLike | pd.DataFrame) -> dict:
+    """A labels table as lookups; raises :class:`DataError` naming the file when it is unusable."""
+    name = "labels table" if isinstance(labels, pd.DataFrame) else str(labels)
+    if not isinstance(labels, pd.DataFrame):
+        if not Path(labels).is_file():
+            raise DataError(f"labels file {labels} not found; expected a csv/tsv with columns label and "
+                            "slide_id and/or case_id")
+        sep = "\t" if str(labels).endswith((".tsv", ".txt")) else ","
+        try:
+            labels = pd.read_csv(labels, sep=sep, dtype=str)
+        except Exception as err:
+            raise DataError(f"{name}: cannot be read as a table ({type(err).__name__}: {err})") from None
+    if "label" not in labels or not ({"slide_id", "case_id"} & set(labels.columns)):
+        raise DataError(f"{name}: columns {list(labels.columns)}; expected 'label' and 'slide_id' and/or 'case_id'")
+    labels = labels.astype(str)
+    return {
+        "name": name,
+        "by_slide": dict(zip(labels.slide_id, labels.label)) if "slide_id" in labels else {},
+        "by_case": dict(zip(labels.case_id, labels.label)) if "case_id" in labels else {},
+        "case_of_slide": dict(zip(labels.slide_id, labels.case_id)) if {"slide_id", "case_id"} <= set(labels.columns) else {},
+    }
+
+
+def _label_of(sid: str, table: dict, old_case: dict, old_label: dict) -> str | None:
+    case = table["case_of_slide"].get(sid) or old_case.get(sid) or patient_id(sid)
+    return table["by_slide"].get(sid) or table["by_case"].get(case) or old_label.get(sid)
 
 
 def update_dataset_csv(out_dir: str | os.PathLike, labels: str | os.PathLike | pd.DataFrame) -> Path:
@@ -425,16 +478,8 @@ def update_dataset_csv(out_dir: str | os.PathLike, labels: str | os.PathLike | p
         DataError: naming the labels file when columns are missing or a bag has no label.
     """
     out_dir = Path(out_dir)
-    name = "labels table" if isinstance(labels, pd.DataFrame) else str(labels)
-    if not isinstance(labels, pd.DataFrame):
-        sep = "\t" if str(labels).endswith((".tsv", ".txt")) else ","
-        labels = pd.read_csv(labels, sep=sep, dtype=str)
-    if "label" not in labels or not ({"slide_id", "case_id"} & set(labels.columns)):
-        raise DataError(f"{name}: columns {list(labels.columns)}; expected 'label' and 'slide_id' and/or 'case_id'")
-    labels = labels.astype(str)
-    by_slide = dict(zip(labels.slide_id, labels.label)) if "slide_id" in labels else {}
-    by_case = dict(zip(labels.case_id, labels.label)) if "case_id" in labels else {}
-    case_of_slide = dict(zip(labels.slide_id, labels.case_id)) if {"slide_id", "case_id"} <= set(labels.columns) else {}
+    table = _read_labels(labels)
+    name = table["name"]
     dataset_path = out_dir / "dataset.csv"
     old = pd.read_csv(dataset_path, dtype=str) if dataset_path.is_file() else pd.DataFrame(columns=["case_id", "slide_id", "label"])
     old_label = dict(zip(old.slide_id, old.label))
@@ -442,8 +487,8 @@ def update_dataset_csv(out_dir: str | os.PathLike, labels: str | os.PathLike | p
     rows, missing = [], []
     for h5 in sorted((out_dir / "h5_files").glob("*.h5")):
         sid = h5.stem
-        case = case_of_slide.get(sid) or old_case.get(sid) or patient_id(sid)
-        label = by_slide.get(sid) or by_case.get(case) or old_label.get(sid)
+        case = table["case_of_slide"].get(sid) or old_case.get(sid) or patient_id(sid)
+        label = _label_of(sid, table, old_case, old_label)
         if label is None:
             missing.append(sid)
             continue
