@@ -646,7 +646,7 @@ def test_runner_reuses_with_a_date_then_stops_when_the_genes_change(tiny, tmp_pa
     assert re.search(r"reusing the finished run in .* \(finished \d{4}-\d\d-\d\d \d\d:\d\d UTC", text)
     banner = "".join(c.source for c in nb.cells if "gimplib-banner" in c.metadata.get("tags", []))
     assert f"--data-dir {data}" in banner and f"--workdir {work}" in banner and "-p num_epochs=1" in banner
-    assert re.search(r"1 of its training runs were reused, unchanged, from earlier runs \(finished \d{4}-", banner)
+    assert re.search(r"\d+ of its training runs were reused, unchanged, from earlier runs \(finished \d{4}-", banner)
     genes = pd.read_parquet(data / "genes.parquet")
     (genes * 2 + 1).to_parquet(data / "genes.parquet")
     with pytest.raises(NotebookFailed, match=r"(?s)made from other inputs.*the gene table's values changed.*-p overwrite=true"):

@@ -209,7 +209,7 @@ def test_gimp_rec_reduction_scales_the_loss_and_rejects_unknown_values():
     torch.manual_seed(0)
     feats = torch.rand(3, 20, D_IN)
     mpm = random_patch_mask(torch.ones(3, 20, dtype=torch.bool), 0.5, torch.Generator().manual_seed(0))
-    mean_model = _mpm().eval()
+    mean_model = _mpm(rec_reduction="mean").eval()
     sum_model = _mpm(rec_reduction="sum").eval()
     sum_model.load_state_dict(mean_model.state_dict())
     with torch.no_grad():
