@@ -24,7 +24,6 @@ the model's genes, a pre-training checkpoint (fine-tune it first).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -36,21 +35,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gimplib.utils import DataError, atomic_path, exists, get_device, save_json
+from gimplib.utils import DataError, atomic_path, exists, get_device, save_json, sha256_file
 
 __all__ = ["RunInfo", "bag_encoder", "describe_run", "find_bags", "main", "predict", "sha256_file"]
 
 CLASSIFIER_TASKS = ("finetune", "baseline", "genes")
 GENE_FILES = ("genes.parquet", "genes.pq", "genes.csv", "genes.tsv", "genes.csv.gz", "genes.tsv.gz")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

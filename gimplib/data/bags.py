@@ -372,6 +372,7 @@ def write_bag(
     dtype: str = "float32",
     chunk_rows: int = 1024,
     coords_dtype: str = "int64",
+    feature_attrs: dict | None = None,
 ) -> Path:
     """Write a bag as CLAM does (chunked, resizable datasets), atomically.
 
@@ -384,6 +385,7 @@ def write_bag(
         dtype: stored feature dtype, ``float32`` (CLAM's) or ``float16``.
         chunk_rows: rows per HDF5 chunk.
         coords_dtype: stored coords dtype (CLAM's ``extract_features_fp.py`` writes int32).
+        feature_attrs: attributes of the ``features`` dataset (TRIDENT names its encoder there).
 
     Returns:
         ``path``.
@@ -396,9 +398,11 @@ def write_bag(
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             rows = max(1, min(chunk_rows, n))
-            f.create_dataset(
+            fds = f.create_dataset(
                 "features", data=feats.astype(dtype), maxshape=(None, d), chunks=(rows, d)
             )
+            for key, value in (feature_attrs or {}).items():
+                fds.attrs[key] = value
             if coords is not None:
                 coords = coords.cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
                 if coords.shape != (n, 2):

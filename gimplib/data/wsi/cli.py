@@ -5,6 +5,10 @@ Example (CLAM's TCGA preset, as the paper's preprocessing)::
     gimp-extract /data/TCGA-NSCLC/slides /data/TCGA-NSCLC/cohort --labels labels.csv \\
         --weights ~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth --batch-size 256 --num-workers 8
 
+UNI2-h features from the weights file downloaded (under its licence) from its model card::
+
+    gimp-extract SLIDES OUT --encoder uni_v2 --weights ~/models/uni2-h/pytorch_model.bin
+
 A 20x field on every slide of a cohort that mixes 20x and 40x scans::
 
     gimp-extract SLIDES OUT --mode field --magnification 20
@@ -16,6 +20,7 @@ import argparse
 import sys
 
 from gimplib.data.wsi.clam import CLAM_PRESETS, CONTOUR_FNS, ClamParams
+from gimplib.data.wsi.encoders import ENCODERS
 from gimplib.data.wsi.pipeline import EXTRACT_MODES, SLIDE_EXTENSIONS, ExtractConfig, process_slides
 from gimplib.data.wsi.tissue import TissueParams
 from gimplib.utils import DataError
@@ -77,11 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n-holes", type=int, default=None)
     e = p.add_argument_group("features")
     e.add_argument("--patch-only", action="store_true", help="masks and patches h5 only, no features")
+    e.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder_name,
+                   help="patch encoder: resnet50_trunc (CLAM's, 1024-d, default) or a foundation model built by timm "
+                        "from --weights (uni_v1 1024-d, uni_v2 1536-d, virchow2 2560-d, gigapath 1536-d, hoptimus0 1536-d)")
     w = e.add_mutually_exclusive_group()
-    w.add_argument("--weights", default=None, help="ResNet50 state dict (default: torchvision's cache; never downloaded)")
+    w.add_argument("--weights", default=None, help="the encoder's weights file (resnet50_trunc default: torchvision's cache; "
+                                                   "foundation models: the file from their model card); never downloaded")
     w.add_argument("--random-weights", action="store_true", help="random encoder, for tests and timing only")
     e.add_argument("--target-patch-size", type=_size_or_none, default=d.out_size,
-                   help="resize patches to this side before the encoder (224 as current CLAM; 'none' as CLAM before April 2024)")
+                   help="resnet50_trunc: resize patches to this side (224 as current CLAM; 'none' as CLAM before "
+                        "April 2024); the foundation models resize as their model cards say")
     e.add_argument("--batch-size", type=int, default=d.batch_size)
     e.add_argument("--num-workers", type=int, default=d.num_workers)
     e.add_argument("--device", default=d.device)
@@ -105,6 +115,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Extrac
         patch_size=args.patch_size,
         step_size=args.step_size,
         features=not args.patch_only,
+        encoder_name=args.encoder,
         weights=args.weights,
         random_weights=args.random_weights,
         out_size=args.target_patch_size,

@@ -38,6 +38,7 @@ __all__ = [
     "find_slides",
     "process_slide",
     "process_slides",
+    "encoder_identity",
     "update_dataset_csv",
 ]
 
@@ -60,7 +61,11 @@ RESULT_KEYS = (
     "out_size",
     "half",
     "max_patches",
+    "encoder_name",
+    "weights_sha256",
 )
+# Keys added after the first folders were written: a settings file without them is not a mismatch.
+LATER_KEYS = {"encoder_name": "resnet50_trunc", "weights_sha256": None}
 
 
 @dataclass
@@ -88,11 +93,16 @@ class ExtractConfig:
         min_tissue: minimum tissue fraction of a kept patch (field mode).
         tissue: segmentation settings (field mode).
         features: embed the patches (False: masks and patches h5 only).
-        weights: ResNet50 state-dict file; None = torchvision's cache.
+        encoder_name: the patch encoder: ``"resnet50_trunc"`` (CLAM's, 1024-d) or a
+            foundation model of :data:`~gimplib.data.wsi.encoders.ENCODERS` (``uni_v1``,
+            ``uni_v2``, ``virchow2``, ``gigapath``, ``hoptimus0``).
+        weights: the encoder's weights file; None = torchvision's cache (resnet50_trunc
+            only; the foundation models need the file downloaded from their model card).
         random_weights: random encoder (tests, timing); features are meaningless.
         seed: seed of the random encoder and of ``max_patches`` (evenly spaced, no RNG).
-        out_size: network input side, CLAM's ``target_patch_size`` (224; None = no resize,
-            as CLAM before April 2024).
+        out_size: ResNet50-trunc's input side, CLAM's ``target_patch_size`` (224; None = no
+            resize, as CLAM before April 2024). The foundation models resize as their model
+            cards say (recorded as ``encoder_transform`` in the settings and h5 attributes).
         batch_size: patches per forward pass.
         num_workers: DataLoader workers.
         device: "auto", "cpu", "cuda", ...
@@ -111,6 +121,7 @@ class ExtractConfig:
     min_tissue: float = 0.25
     tissue: TissueParams = field(default_factory=TissueParams)
     features: bool = True
+    encoder_name: str = "resnet50_trunc"
     weights: str | None = None
     random_weights: bool = False
     seed: int = 0
@@ -131,6 +142,9 @@ class ExtractConfig:
                 f"extraction settings: patch_size={self.patch_size}, step_size={self.step_size}, "
                 f"patch_level={self.patch_level}; expected sizes >= 1 and a level >= 0"
             )
+        from gimplib.data.wsi.encoders import encoder_spec
+
+        self.encoder_name = encoder_spec(self.encoder_name).name  # unknown names fail here
         if self.out_size is not None and self.out_size < 1:
             raise DataError(f"extraction settings: out_size={self.out_size}; expected a side >= 1 or None (no resize)")
 
@@ -163,6 +177,7 @@ def process_slide(
     config: ExtractConfig | None = None,
     *,
     encoder: Any = None,
+    encoder_attrs: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """Segment, patch and (optionally) embed one slide into ``out_dir``.
@@ -172,6 +187,8 @@ def process_slide(
         out_dir: the cohort folder (sub-folders are created).
         config: settings.
         encoder: a built encoder (:func:`build_encoder`); built from ``config`` when None.
+        encoder_attrs: the encoder's identity for the h5 attributes (:func:`encoder_identity`);
+            computed from ``config`` when None.
         progress: tqdm bar over batches.
 
     Returns:
@@ -195,14 +212,17 @@ def process_slide(
         from gimplib.data.wsi.features import build_encoder, extract_features
 
         if encoder is None:
-            encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+            encoder, _ = build_encoder(name=config.encoder_name, weights=config.weights,
+                                       random_weights=config.random_weights, seed=config.seed)
+        if encoder_attrs is None:
+            encoder_attrs = encoder_identity(config)
         feats = extract_features(
             slide_path,
             grid.coords,
             encoder,
             level=grid.patch_level,
             read_size=grid.patch_size,
-            out_size=config.out_size,
+            out_size=config.out_size if config.encoder_name == "resnet50_trunc" else None,
             fill="black" if config.mode == "clam" else "white",
             batch_size=config.batch_size,
             num_workers=config.num_workers,
@@ -212,8 +232,11 @@ def process_slide(
         )
         if not np.isfinite(feats).all():
             raise DataError(f"slide {slide_path}: the encoder produced NaN/inf features")
+        attrs = {**grid.attrs(sid, out_dir / "h5_files"), **encoder_attrs,
+                 "overlap": int(config.patch_size - (config.step_size or config.patch_size))}  # TRIDENT's attribute
         write_bag(
-            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, out_dir / "h5_files"),
+            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=attrs,
+            feature_attrs={"encoder": encoder_attrs["encoder"], "name": sid},  # where TRIDENT names its encoder
             coords_dtype="int32" if config.mode == "clam" else "int64",  # CLAM's extract_features_fp.py: int32
         )
         write_bag_pt(out_dir / "pt_files" / f"{sid}.pt", feats)
@@ -281,7 +304,45 @@ def _field_grid(slide_path: Path, config: ExtractConfig) -> tuple[PatchGrid, Tis
     return grid, tissue, why_empty
 
 
-def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
+def encoder_identity(config: ExtractConfig) -> dict:
+    """The encoder's identity and patch preparation, for the h5 attributes and the settings JSON.
+
+    Returns:
+        ``encoder`` (name), ``weights_sha256`` (``random(seed=...)`` for random weights),
+        ``feat_dim``, ``resize``, ``normalization``, ``pool``.
+
+    Raises:
+        DataError: the weights file is missing (the message says where to get it).
+    """
+    from gimplib.data.wsi.encoders import encoder_spec
+    from gimplib.utils import sha256_file
+
+    spec = encoder_spec(config.encoder_name)
+    out = spec.transform_settings()
+    if spec.arch == "resnet50_trunc":  # CLAM's: PIL bilinear resize to target_patch_size, ImageNet mean/std
+        out["resize"] = f"{config.out_size} px bilinear (PIL)" if config.out_size else "none"
+    if config.random_weights:
+        out["weights_sha256"] = f"random(seed={config.seed})"
+        return out
+    if config.weights is not None:
+        path = Path(config.weights)
+    elif spec.arch == "resnet50_trunc":
+        from gimplib.data.wsi.features import default_weights_path
+
+        path = default_weights_path()
+    else:
+        path = None
+    if path is None or not path.is_file():
+        raise DataError(
+            f"encoder {spec.name}: weights file {path or '(none given)'} not found; download {spec.weights_file} "
+            f"from {spec.weights_from} (licence {spec.licence}) and pass its path (--weights), or use "
+            "--random-weights for a test run; nothing is downloaded here"
+        )
+    out["weights_sha256"] = sha256_file(path)
+    return out
+
+
+def _settings(config: ExtractConfig, encoder_desc: str | None, identity: dict | None = None) -> dict:
     import gimplib
 
     settings = asdict(config)
@@ -291,6 +352,14 @@ def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
     else:
         settings["patch_level"] = None
     settings["encoder"] = encoder_desc if config.features else None
+    if config.features:
+        ident = identity or encoder_identity(config)
+        settings["weights_sha256"] = ident["weights_sha256"]
+        settings["encoder_transform"] = {k: v for k, v in ident.items() if k not in ("encoder", "weights_sha256")}
+        if config.encoder_name != "resnet50_trunc":
+            settings["out_size"] = None  # the model card's own resize applies (encoder_transform)
+    else:
+        settings["encoder_name"] = settings["weights_sha256"] = None
     versions = {"gimplib": gimplib.__version__}
     for mod in ("torch", "torchvision", "openslide"):
         try:
@@ -303,9 +372,9 @@ def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
 
 def _check_settings(path: Path, settings: dict) -> None:
     old = load_json(path)
-    keys = RESULT_KEYS
+    keys = tuple(k for k in RESULT_KEYS if k in old or k not in LATER_KEYS)
     if old.get("features") is False and settings.get("features"):  # CLAM's two steps: patch, then embed
-        keys = tuple(k for k in RESULT_KEYS if k not in ("features", "encoder"))
+        keys = tuple(k for k in keys if k not in ("features", "encoder", "encoder_name", "weights_sha256"))
     diff = [k for k in keys if old.get(k) != settings.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
@@ -339,6 +408,7 @@ def process_slides(
     labels: str | os.PathLike | pd.DataFrame | None = None,
     extensions: Iterable[str] = SLIDE_EXTENSIONS,
     progress: bool = True,
+    encoder: Any = None,
 ) -> pd.DataFrame:
     """Turn a folder of slides into a CLAM cohort folder; resumable, one failure does not stop the rest.
 
@@ -351,6 +421,8 @@ def process_slides(
             ``case_id``; when given, ``dataset.csv`` is written/updated for every bag.
         extensions: slide file extensions looked for in a folder.
         progress: tqdm bar over slides.
+        encoder: an encoder already built for ``config.encoder_name`` (tests use a smaller
+            model of the same widths); default: built from ``config``.
 
     Returns:
         One row per slide of this call: slide_id, status ("done", "skipped", "failed"),
@@ -366,17 +438,19 @@ def process_slides(
     if dupes:
         raise DataError(f"{source}: several slide files share the slide id(s) {dupes}")
     todo = [p for p, sid in zip(slides, ids) if overwrite or not _is_done(out_dir, sid, config.features)]
-    encoder, desc = None, None
+    desc, identity = None, None
     if config.features:
         from gimplib.data.wsi.features import build_encoder, weights_description
 
         desc = weights_description(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
-    settings = _settings(config, desc)
+        identity = encoder_identity(config)  # fails early on a missing weights file
+    settings = _settings(config, desc, identity)
     settings_path = out_dir / "extract_settings.json"
     if settings_path.is_file() and not overwrite:
         _check_settings(settings_path, settings)
-    if config.features and todo:  # fails early (missing weights) before any slide is touched
-        encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
+    if config.features and todo and encoder is None:  # fails early (missing weights) before any slide is touched
+        encoder, _ = build_encoder(name=config.encoder_name, weights=config.weights,
+                                   random_weights=config.random_weights, seed=config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if todo or not settings_path.is_file():
         save_json(settings_path, settings)
@@ -395,7 +469,7 @@ def process_slides(
         else:
             start = time.perf_counter()
             try:
-                result = process_slide(path, out_dir, config, encoder=encoder, progress=False)
+                result = process_slide(path, out_dir, config, encoder=encoder, encoder_attrs=identity, progress=False)
                 row.update(status="done", n_patches=result["n_patches"], seconds=result["seconds"])
             except Exception as err:  # one bad slide must not stop a night's run
                 row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
