@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-patches", type=int, default=None, help="at most this many patches per slide (quick looks)")
     p.add_argument("--labels", default=None, help="csv/tsv with label + slide_id/case_id: writes dataset.csv")
     p.add_argument("--overwrite", action="store_true", help="redo slides already done")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="take the I-th of N deterministic shards of the slides (0-based; e.g. $SLURM_ARRAY_TASK_ID/8); "
+                        "workers lock each slide (out_dir/locks/), so shards may run at once")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args, parser)
         status = process_slides(
             args.source, args.out_dir, config, overwrite=args.overwrite, labels=args.labels,
-            extensions=args.ext, progress=not args.quiet,
+            extensions=args.ext, progress=not args.quiet, shard=args.shard,
         )
     except DataError as err:
         print(f"gimp-extract: {err}", file=sys.stderr)

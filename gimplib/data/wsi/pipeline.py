@@ -391,12 +391,15 @@ def _is_done(out_dir: Path, sid: str, features: bool) -> bool:
 
 
 def _write_status(path: Path, rows: list[dict]) -> None:
+    from gimplib.data.wsi.shard import shared_file_lock
+
     new = pd.DataFrame(rows, columns=STATUS_COLUMNS)
-    if path.is_file():
-        old = pd.read_csv(path, dtype={"slide_id": str})
-        new = pd.concat([old[~old.slide_id.isin(new.slide_id)], new], ignore_index=True)
-    with atomic_path(path) as tmp:
-        new.to_csv(tmp, index=False)
+    with shared_file_lock(path):  # several workers (--shard) merge their rows into one file
+        if path.is_file():
+            old = pd.read_csv(path, dtype={"slide_id": str})
+            new = pd.concat([old[~old.slide_id.isin(new.slide_id)], new], ignore_index=True)
+        with atomic_path(path) as tmp:
+            new.to_csv(tmp, index=False)
 
 
 def process_slides(
@@ -409,6 +412,7 @@ def process_slides(
     extensions: Iterable[str] = SLIDE_EXTENSIONS,
     progress: bool = True,
     encoder: Any = None,
+    shard: str | tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Turn a folder of slides into a CLAM cohort folder; resumable, one failure does not stop the rest.
 
@@ -423,11 +427,16 @@ def process_slides(
         progress: tqdm bar over slides.
         encoder: an encoder already built for ``config.encoder_name`` (tests use a smaller
             model of the same widths); default: built from ``config``.
+        shard: ``"i/n"`` or ``(i, n)``: this worker takes the slides at positions ``i`` modulo
+            ``n`` of the slide ids in sorted order (see :mod:`gimplib.data.wsi.shard`). Every
+            worker takes a slide through a lock file, so that workers never embed the same slide.
 
     Returns:
-        One row per slide of this call: slide_id, status ("done", "skipped", "failed"),
-        n_patches, seconds, error, path. The same rows are merged into ``extract_status.csv``.
+        One row per slide of this call: slide_id, status ("done", "skipped", "failed", or
+        "locked": another worker holds it), n_patches, seconds, error, path. The rows other
+        than "locked" are merged into ``extract_status.csv``.
     """
+    from gimplib.data.wsi.shard import parse_shard, release_slide, shard_items, take_slide
     from tqdm.auto import tqdm
 
     config = config or ExtractConfig()
@@ -437,6 +446,8 @@ def process_slides(
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise DataError(f"{source}: several slide files share the slide id(s) {dupes}")
+    slides = shard_items(slides, ids, parse_shard(shard))
+    ids = [slide_id_of(p) for p in slides]
     todo = [p for p, sid in zip(slides, ids) if overwrite or not _is_done(out_dir, sid, config.features)]
     desc, identity = None, None
     if config.features:
@@ -466,6 +477,12 @@ def process_slides(
             else:
                 n = len(read_patches_h5(out_dir / "patches" / f"{sid}.h5")[0])
             row.update(status="skipped", n_patches=n, seconds=0.0)
+        elif (lock := take_slide(out_dir, sid)) is None:
+            row.update(status="locked", n_patches=0, seconds=0.0, error="another worker holds locks/" + sid + ".lock")
+        elif not overwrite and _is_done(out_dir, sid, config.features):  # finished by another worker meanwhile
+            release_slide(lock)
+            row.update(status="skipped", n_patches=bag_info(out_dir / "h5_files" / f"{sid}.h5")[0]
+                       if config.features else len(read_patches_h5(out_dir / "patches" / f"{sid}.h5")[0]), seconds=0.0)
         else:
             start = time.perf_counter()
             try:
@@ -474,10 +491,16 @@ def process_slides(
             except Exception as err:  # one bad slide must not stop a night's run
                 row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
                 tqdm.write(f"failed: {sid}: {err}", file=sys.stderr)
+            finally:
+                release_slide(lock)
         rows.append(row)
-        _write_status(status_path, [row])
+        if row["status"] != "locked":
+            _write_status(status_path, [row])
     if labels is not None:
-        update_dataset_csv(out_dir, labels)
+        from gimplib.data.wsi.shard import shared_file_lock
+
+        with shared_file_lock(out_dir / "dataset.csv"):
+            update_dataset_csv(out_dir, labels)
     return pd.DataFrame(rows, columns=STATUS_COLUMNS)
 
 
