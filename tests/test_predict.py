@@ -175,3 +175,32 @@ def test_any_modality_classifier_contract():
         net(None, None, None)
     with pytest.raises(ValueError, match="needs a gene encoder"):
         AnyModalityClassifier(aggregator=agg, gene_encoder=None)
+
+
+def test_other_feature_widths_flow_through(smoke, tmp_path):
+    """1536-d bags (UNI2-h / GigaPath / H-optimus-0 width): in_dim comes from the bags, and predict checks it."""
+    from gimplib.data.cohort import load_cohort
+    from gimplib.train import finetune, train_baseline
+
+    cohort, split = smoke
+    folder = tmp_path / "wide"
+    (folder / "h5_files").mkdir(parents=True)
+    proj = np.random.default_rng(0).normal(size=(cohort.feat_dim, 1536)).astype(np.float32) / 32
+    for path in cohort.slides["path"]:
+        bag = read_bag(path)
+        write_bag(folder / "h5_files" / Path(path).name, bag.feats @ proj, bag.coords,
+                  attrs={"encoder": "uni_v2", "patch_size_level0": 512})
+    shutil.copy(cohort.data_dir / "dataset.csv", folder)
+    wide = load_cohort(folder, verbose=False)
+    assert wide.feat_dim == 1536
+    ft = finetune(wide, split, out_dir=tmp_path / "ft", aggregator_kwargs=TINY_AGG, head_kwargs=dict(hidden=16),
+                  max_patches=64, num_epochs=1, **FAST)
+    tm = train_baseline("transmil", wide, split, out_dir=tmp_path / "tm", model_kwargs=dict(embed_dim=32, num_heads=2),
+                        max_patches=64, num_epochs=1, **FAST)
+    for run in (ft, tm):
+        info = describe_run(run.out_dir)
+        assert info.in_dim == 1536 and info.encoder["name"] == "uni_v2"
+        t = predict(run.out_dir, folder, out_dir=tmp_path / f"p_{info.name}", progress=False, device="cpu")
+        assert len(t) == len(cohort) and (t.modalities == "image").all()
+    with pytest.raises(DataError, match="1024-d.*1536-d"):  # 1024-d bags into a 1536-d run
+        predict(ft.out_dir, cohort.data_dir, out_dir=tmp_path / "x", progress=False)
