@@ -141,6 +141,15 @@ def test_resnet_weights_hash_recorded(tiff, tmp_path):
         assert f["coords"].attrs["weights_sha256"] == sha256_file(path)
         assert f["coords"].attrs["encoder"] == "resnet50_trunc" and f["features"].shape[1] == 1024
     assert bag_encoder(tmp_path / "out")["weights_sha256"] == sha256_file(path)
+    # gimp-predict's heatmap over the raw slide's thumbnail (the coordinates canvas without it)
+    from gimplib.predict import _slide_file, _write_heatmap
+
+    bag = read_bag(tmp_path / "out" / "h5_files" / "slide_a.h5")
+    slide = _slide_file(tiff, "slide_a")
+    assert slide == tiff / "slide_a.tif"
+    kind = _write_heatmap(tmp_path / "pred", "slide_a", tmp_path / "out" / "h5_files" / "slide_a.h5", bag.coords,
+                          np.arange(len(bag), dtype=float), slide, "slide_a")
+    assert kind == "thumbnail" and (tmp_path / "pred" / "heatmaps" / "slide_a.png").is_file()
 
 
 def test_reads_trident_output(tmp_path):
