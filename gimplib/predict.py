@@ -319,6 +319,8 @@ def predict(
     slides_dir: str | os.PathLike | None = None,
     heatmaps: bool = False,
     attributions: bool = False,
+    extract: bool = False,
+    weights: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -333,9 +335,15 @@ def predict(
             file in ``bags_dir``. Needed when the model reads genes.
         dataset_csv: case_id, slide_id (and label) of the patients; default ``bags_dir/dataset.csv``
             when it exists, else one patient per bag (TCGA slide ids grouped by patient).
-        slides_dir: the raw slides (``<slide_id>.svs`` ...), for heatmaps over their thumbnails.
+        slides_dir: the raw slides (``<slide_id>.svs`` ...), for heatmaps over their thumbnails,
+            and the slides to extract with ``extract``.
         heatmaps: write per-slide attention heatmaps and attention CSVs.
         attributions: write GroupMSA's gene-group attributions per patient.
+        extract: first turn ``slides_dir`` into bags (``out_dir/bags``) with the settings the
+            run's training bags were made with (their ``extract_settings.json``: mode, patches,
+            encoder); ``bags_dir`` must then be None.
+        weights: the encoder's weights file for ``extract``, when it is no longer where the
+            training extraction read it (its sha256 must match).
         device, progress: runtime options.
 
     Returns:
@@ -352,6 +360,12 @@ def predict(
     info = describe_run(run)
     out_dir = Path(out_dir)
     bags_dir = Path(bags_dir) if exists(bags_dir) else None
+    notes: dict[str, Any] = {}
+    if extract:
+        if bags_dir is not None or slides_dir is None:
+            raise DataError("extract=True turns slides_dir into bags: give slides_dir and no bags_dir")
+        bags_dir, notes["extraction"] = _extract_like_training(info, Path(slides_dir), out_dir / "bags", weights,
+                                                               device, progress)
     if bags_dir is None and info.reads_image and not info.any_modality:
         raise DataError(f"{info.checkpoint}: the {info.name} model reads slides; give a folder of bags")
     bags = find_bags(bags_dir) if exists(bags_dir) else {}
@@ -360,7 +374,6 @@ def predict(
     if bags_dir is None and dataset_csv is None:
         raise DataError("without bags, a dataset.csv must name the patients (case_id)")
     slides = _cases(bags, Path(dataset_csv) if exists(dataset_csv) else None)
-    notes: dict[str, Any] = {}
 
     # the image side: every listed slide needs its bag (a patient may lack slides only with any_modality)
     encoder_check = "no image input"
@@ -474,6 +487,29 @@ def predict(
     return table
 
 
+def _extract_like_training(info: RunInfo, slides_dir: Path, out: Path, weights: Any, device: str,
+                           progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Extract ``slides_dir`` into ``out`` with the run's training extraction settings."""
+    from gimplib.data.wsi.pipeline import config_from_settings, process_slides
+
+    source = info.train_data_dir / "extract_settings.json" if exists(info.train_data_dir) else None
+    if source is None or not source.is_file():
+        raise DataError(
+            f"{info.checkpoint}: its training bags ({info.train_data_dir}) hold no extract_settings.json, so the "
+            "extraction settings are unknown; extract the new slides yourself with the same settings and give the bags"
+        )
+    changes: dict[str, Any] = {"device": device}
+    if exists(weights):
+        changes["weights"] = str(weights)
+    config = config_from_settings(source, **changes)
+    status = process_slides(slides_dir, out, config, progress=progress)
+    failed = status[status.status == "failed"]
+    if len(failed) == len(status):
+        raise DataError(f"{slides_dir}: no slide could be extracted: {dict(zip(failed.slide_id, failed.error))}")
+    return out, {"settings": str(source), "encoder": config.encoder_name,
+                 "failed": dict(zip(failed.slide_id, failed.error))}
+
+
 def _attributions(net: torch.nn.Module, info: RunInfo, case: str, genes: torch.Tensor) -> list[dict[str, Any]]:
     from gimplib.models.groupmsa import GroupMSA
 
@@ -504,6 +540,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", default=None, help="gene table (csv/tsv/parquet, one row per patient); default BAGS/genes.*")
     p.add_argument("--dataset-csv", default=None, help="case_id, slide_id (label) of the patients; default BAGS/dataset.csv")
     p.add_argument("--slides", default=None, help="folder of the raw slides, for heatmaps over their thumbnails")
+    p.add_argument("--extract", action="store_true",
+                   help="extract --slides into OUT/bags first, with the run's training extraction settings (no BAGS)")
+    p.add_argument("--weights", default=None, help="with --extract: the encoder's weights file, if it moved")
     p.add_argument("--heatmaps", action="store_true", help="attention heatmaps per slide (heatmaps/, attention/)")
     p.add_argument("--attributions", action="store_true", help="gene-group attributions (gene_attributions.csv)")
     p.add_argument("--device", default="auto")
@@ -517,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         table = predict(args.run, args.bags, out_dir=args.out, genes=args.genes, dataset_csv=args.dataset_csv,
                         slides_dir=args.slides, heatmaps=args.heatmaps, attributions=args.attributions,
-                        device=args.device, progress=not args.quiet)
+                        extract=args.extract, weights=args.weights, device=args.device, progress=not args.quiet)
     except DataError as err:
         print(f"gimp-predict: {err}", file=sys.stderr)
         return 2

@@ -192,3 +192,40 @@ def test_full_size_random_weights(name):
         out = model(torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8))
     assert out.shape == (1, encoder_spec(name).feat_dim) and torch.isfinite(out).all()
     print(f"{name}: built and ran one patch in {time.perf_counter() - start:.1f} s")
+
+
+def test_predict_from_raw_slides(tmp_path):
+    """Raw slides -> bags -> a trained run -> gimp-predict --extract on a new slide, with the run's settings."""
+    import pandas as pd
+
+    from gimplib.data.cohort import load_cohort
+    from gimplib.predict import main as predict_main
+    from gimplib.train import train_baseline
+
+    slides, new = tmp_path / "slides", tmp_path / "new"
+    slides.mkdir()
+    new.mkdir()
+    for k in range(4):
+        write_clam_test_tiff(slides / f"slide_{k}.tif", seed=k)
+    (new / "patient_9.tif").write_bytes((slides / "slide_3.tif").read_bytes())
+    labels = pd.DataFrame({"slide_id": [f"slide_{k}" for k in range(4)], "label": ["LUAD", "LUSC"] * 2})
+    config = ExtractConfig(random_weights=True, clam=ClamParams(**SMALL_TISSUE), patch_level=2, max_patches=4,
+                           device="cpu")
+    process_slides(slides, tmp_path / "cohort", config, labels=labels, progress=False)
+    cohort = load_cohort(tmp_path / "cohort", verbose=False)
+    split = {"train": ["slide_0", "slide_1"], "val": ["slide_2"], "test": ["slide_3"]}
+    run = train_baseline("abmil", cohort, split, out_dir=tmp_path / "abmil", model_kwargs=dict(embed_dim=16, attn_dim=8),
+                         num_epochs=1, device="cpu", progress=False, n_boot=0)
+    out = tmp_path / "pred"
+    assert predict_main([str(run.out_dir), "-o", str(out), "--slides", str(new), "--extract", "--heatmaps",
+                         "--quiet", "--device", "cpu"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert table.case_id.tolist() == ["patient_9"] and table.modalities.tolist() == ["image"]
+    info = json.loads((out / "predict_info.json").read_text())
+    assert info["heatmaps"] == {"patient_9": "thumbnail"} and info["extraction"]["encoder"] == "resnet50_trunc"
+    assert info["encoder_check"] == "encoder 'resnet50_trunc' as in training (same weights)"
+    # the same slide gives the same features as in training: the settings were reproduced
+    assert np.allclose(read_bag(out / "bags" / "h5_files" / "patient_9.h5").feats,
+                       read_bag(tmp_path / "cohort" / "h5_files" / "slide_3.h5").feats, atol=1e-5)
+    own = run.predictions.set_index("case_id").loc["slide_3", ["prob_0", "prob_1"]].to_numpy(dtype=float)
+    assert np.allclose(table[["prob_LUAD", "prob_LUSC"]].to_numpy()[0], own, atol=1e-5)

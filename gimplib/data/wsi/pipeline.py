@@ -38,6 +38,7 @@ __all__ = [
     "find_slides",
     "process_slide",
     "process_slides",
+    "config_from_settings",
     "encoder_identity",
     "update_dataset_csv",
 ]
@@ -340,6 +341,32 @@ def encoder_identity(config: ExtractConfig) -> dict:
         )
     out["weights_sha256"] = sha256_file(path)
     return out
+
+
+def config_from_settings(settings: dict | str | os.PathLike, **changes: Any) -> ExtractConfig:
+    """The :class:`ExtractConfig` an ``extract_settings.json`` was written with (to extract new slides alike).
+
+    Args:
+        settings: the settings dict or the JSON file.
+        **changes: fields to replace (runtime ones: ``weights`` when the file moved, ``device``,
+            ``batch_size``, ``num_workers``).
+    """
+    from dataclasses import fields
+
+    if not isinstance(settings, dict):
+        settings = load_json(settings)
+    names = {f.name for f in fields(ExtractConfig)}
+    values = {k: v for k, v in settings.items() if k in names and v is not None}
+    if values.get("mode", "clam") == "clam":
+        values["clam"] = ClamParams(**{k: (tuple(v) if k.endswith("_ids") else v) for k, v in settings["clam"].items()})
+        values.pop("tissue", None)
+    else:
+        values["tissue"] = TissueParams(**settings["tissue"])
+        values.pop("clam", None)
+    if settings.get("features") and "out_size" not in values and settings.get("encoder_name", "resnet50_trunc") == "resnet50_trunc":
+        values["out_size"] = None  # CLAM before April 2024: no resize
+    values.update(changes)
+    return ExtractConfig(**values)
 
 
 def _settings(config: ExtractConfig, encoder_desc: str | None, identity: dict | None = None) -> dict:
