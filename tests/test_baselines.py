@@ -30,7 +30,7 @@ TINY: dict[str, dict] = {
     "clam_sb": dict(embed_dim=16, attn_dim=8, k_sample=3),
     "clam_mb": dict(embed_dim=16, attn_dim=8, k_sample=3),
     "transmil": dict(embed_dim=16, num_heads=2, num_landmarks=4),
-    "porpoise": dict(embed_dim=16, omic_hidden=(16, 16), scale=2),
+    "porpoise": dict(embed_dim=16, omic_hidden=(16, 16), scale=2),  # bag width 8
     "pathomic": dict(path_dim=8, omic_hidden=(8, 8), fused_dim=8, attn_dim=8),
     "mcat": dict(embed_dim=16, num_heads=2, num_groups=3),
     "gimp_fusion": dict(
@@ -251,10 +251,68 @@ def test_mcat_groups_cover_all_genes():
 
 
 def test_bilinear_fusion_shapes_and_skip():
-    fusion = GatedBilinearFusion(dim1=16, dim2=8, scale1=4, scale2=2, fused_dim=6, hidden=10)
+    x1, x2 = torch.randn(3, 16), torch.randn(3, 8)
+    # Pathomic style: the skip carries the gated outputs with their appended 1s
+    fusion = GatedBilinearFusion(dim1=16, dim2=8, scale1=4, scale2=2, fused_dim=6, hidden=10, skip=True)
     assert fusion.encoder1[0].in_features == (16 // 4 + 1) * (8 // 2 + 1)
+    assert fusion.encoder2[0].in_features == 10 + (4 + 1) + (4 + 1)
+    assert isinstance(fusion.unimodal1.gate, torch.nn.Bilinear)
+    assert fusion(x1, x2).shape == (3, 6)
+    # PORPOISE style: the skip carries the raw inputs; the gate is a Linear on cat(x1, x2)
+    fusion = GatedBilinearFusion(dim1=16, dim2=8, scale1=4, scale2=2, fused_dim=6, hidden=10, skip=True,
+                                 use_bilinear=False, style="porpoise")
     assert fusion.encoder2[0].in_features == 10 + 16 + 8
-    assert fusion(torch.randn(3, 16), torch.randn(3, 8)).shape == (3, 6)
+    assert fusion.unimodal1.gate.in_features == 16 + 8
+    assert not any(isinstance(m, torch.nn.Dropout) for m in (*fusion.encoder1, *fusion.encoder2))
+    assert fusion(x1, x2).shape == (3, 6)
+
+
+def test_ungated_branch_semantics_follow_each_official_code():
+    x1, x2 = torch.randn(3, 8), torch.randn(3, 8)
+    pathomic = GatedBilinearFusion(dim1=8, dim2=8, gate1=False).eval()
+    assert pathomic.unimodal1.proj is None and pathomic.unimodal1.gate is None
+    torch.testing.assert_close(pathomic.unimodal1(x1, x1, x2), pathomic.unimodal1.out(x1))
+    porpoise = GatedBilinearFusion(dim1=8, dim2=8, scale1=2, gate1=False, style="porpoise").eval()
+    torch.testing.assert_close(porpoise.unimodal1(x1, x1, x2), porpoise.unimodal1.out(porpoise.unimodal1.proj(x1)))
+    with pytest.raises(ValueError, match="scale1 must be 1"):
+        GatedBilinearFusion(dim1=8, dim2=8, scale1=2, gate1=False)
+    with pytest.raises(ValueError, match="style"):
+        GatedBilinearFusion(dim1=8, dim2=8, style="lrb")
+
+
+def test_default_widths_are_the_official_ones():
+    porpoise = build_baseline("porpoise", num_genes=G)
+    assert porpoise.path_encoder[0].out_features == 512 and porpoise.path_rho[0].out_features == 256
+    assert porpoise.path_attention.V[0].out_features == 256 and porpoise.input_dropout.p == 0.1
+    assert porpoise.fusion.encoder2[0].in_features == 256 + 256 + 256  # skip of the raw embeddings
+    assert porpoise.fusion.unimodal1.gate.in_features == 512  # Linear on cat(h_path, h_omic)
+    pathomic = build_baseline("pathomic", num_genes=G)
+    assert pathomic.fusion.out_dim == 64 and pathomic.fusion.encoder2[0].in_features == 64  # no skip
+    assert isinstance(pathomic.fusion.unimodal1.gate, torch.nn.Bilinear)
+    transmil = build_baseline("transmil")
+    assert 0.8 < transmil.cls_token.std().item() < 1.2  # the reference code's torch.randn
+
+
+def test_mcat_returns_the_raw_co_attention():
+    torch.manual_seed(0)
+    model = make("mcat").eval()
+    feats, mask, _, gen = make_bags(2, seed=8)
+    out = model(feats, mask, genes_for("mcat", 2, gen))
+    assert out["coattn"].shape == (2, 3, feats.shape[1])
+    assert torch.isinf(out["coattn"][~mask[:, None, :].expand_as(out["coattn"])]).all()
+    torch.testing.assert_close(out["attn"], out["coattn"].softmax(dim=-1).mean(dim=1))
+    with pytest.raises(ValueError, match="group_sizes"):
+        make("mcat", group_sizes=(5, 5))
+
+
+def test_smooth_top1_svm_hard_switch():
+    logits = torch.tensor([[0.0, 10.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0])
+    # row 0: gap 10 >= log(1000): hard loss max(0 + 0, 10 + 1) - 0 = 11; row 1 stays smooth
+    smooth_row1 = math.log(1.0 + math.exp(2.0))
+    expected = 0.5 * (11.0 + smooth_row1)
+    assert smooth_top1_svm_loss(logits, y, hard_thresh=1e3).item() == pytest.approx(expected, rel=1e-6)
+    assert smooth_top1_svm_loss(logits, y).item() == pytest.approx(0.5 * (math.log(1 + math.exp(11.0)) + smooth_row1), rel=1e-6)
 
 
 @pytest.mark.gpu

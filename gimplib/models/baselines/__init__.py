@@ -17,6 +17,9 @@ Classifiers share one contract::
             y (b,) | None = None) -> dict(logits (b, C), loss_aux scalar, attn (b, n) | None)
 
 and are trained by minimising ``cross_entropy(logits, y) + loss_aux``.
+
+The eight published systems load their official repositories' checkpoints through
+:func:`from_official` (``gimplib.models.baselines.official``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from gimplib.models.baselines.dsmil import DSMIL
 from gimplib.models.baselines.gimp_fusion import GiMPFusion
 from gimplib.models.baselines.mcat import MCAT
 from gimplib.models.baselines.mgca import MGCAStyle, sinkhorn_knopp
+from gimplib.models.baselines.official import OFFICIAL_SOURCES, from_official
 from gimplib.models.baselines.pathomic import GatedBilinearFusion, PathomicFusion
 from gimplib.models.baselines.porpoise import PORPOISE
 from gimplib.models.baselines.refers import REFERSStyle
@@ -49,11 +53,13 @@ __all__ = [
     "ImageGenePretrainer",
     "MCAT",
     "MGCAStyle",
+    "OFFICIAL_SOURCES",
     "PORPOISE",
     "PathomicFusion",
     "REFERSStyle",
     "TransMIL",
     "build_baseline",
+    "from_official",
     "sinkhorn_knopp",
     "smooth_top1_svm_loss",
 ]

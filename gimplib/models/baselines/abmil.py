@@ -6,11 +6,18 @@ What is the paper's and what is adapted:
     * Gated attention pooling (their eq. 9) over instance embeddings: kept as is.
     * The instance encoder: the paper trains a small CNN on image patches; we start from
       frozen 1024-d CLAM-style patch features, so the encoder is one Linear + ReLU + Dropout
-      (as in every later WSI use of ABMIL, e.g. CLAM).
+      (as in every later WSI use of ABMIL). The defaults are the WSI ABMIL of the Mahmood
+      lab's code, PORPOISE's ``PorpoiseAMIL`` ("small": Linear(1024, 512), gated attention
+      512 -> 256, dropout 0.25 after the encoder and inside the attention); Ilse et al.'s
+      own widths are ``embed_dim=500, attn_dim=128, dropout=0, attn_dropout=0``.
     * The bag classifier: the paper has one sigmoid output for a binary bag label; we use a
       ``num_classes``-way linear layer trained with softmax cross-entropy, so the same
       engine and metrics serve every row of the comparison.
     * Batches of bags with padding are allowed: padded patches get zero attention.
+    * Official weights: :func:`gimplib.models.baselines.official.from_official` loads Ilse et
+      al.'s ``GatedAttention`` (github.com/AMLab-Amsterdam/AttentionDeepMIL; its MNIST CNN is
+      not part of this model, its 800-d output is the input here, one sigmoid output is
+      ``num_classes=1``) and PORPOISE's ``PorpoiseAMIL`` (CLAM's ``Attn_Net_Gated``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ class ABMIL(nn.Module):
         num_classes: number of bag classes C.
         embed_dim: instance embedding size after the first Linear.
         attn_dim: hidden size of the gated attention.
-        dropout: dropout after the instance encoder.
+        dropout: dropout after the instance encoder (Ilse et al.: none; CLAM, PORPOISE: 0.25).
+        attn_dropout: dropout inside the gated attention (PORPOISE's AMIL: 0.25; Ilse et al.: none).
     """
 
     def __init__(
@@ -40,13 +48,14 @@ class ABMIL(nn.Module):
         in_dim: int = 1024,
         num_classes: int = 2,
         embed_dim: int = 512,
-        attn_dim: int = 128,
+        attn_dim: int = 256,
         dropout: float = 0.25,
+        attn_dropout: float = 0.25,
     ):
         super().__init__()
         self.in_dim = in_dim
         self.encoder = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.attention = GatedAttention(in_dim=embed_dim, hidden=attn_dim)
+        self.attention = GatedAttention(in_dim=embed_dim, hidden=attn_dim, dropout=attn_dropout)
         self.classifier = nn.Linear(embed_dim, num_classes)
 
     def forward(self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None, y: Tensor | None = None) -> dict:

@@ -1,7 +1,8 @@
 """CLAM-SB and CLAM-MB: clustering-constrained attention multiple-instance learning.
 
 Lu, Williamson, Chen, Chen, Barbieri & Mahmood, "Data-efficient and weakly supervised
-computational pathology on whole-slide images", Nature Biomedical Engineering 5, 2021.
+computational pathology on whole-slide images", Nature Biomedical Engineering 5, 2021;
+reference code github.com/mahmoodlab/CLAM (``models/model_clam.py``).
 
 What is the paper's and what is adapted:
     * Gated attention pooling over 1024-d patch features projected to ``embed_dim``; one
@@ -13,9 +14,11 @@ What is the paper's and what is adapted:
       paper's setting for mutually exclusive subtypes, like LUAD vs LUSC) the most attended
       patches of every *other* class's branch are negatives for that class. Kept, and the
       instance loss is averaged over classes (subtyping) and over the bags of a batch.
-    * Instance loss: we choose the smooth top-1 SVM (Berrada, Zisserman & Kumar, ICLR 2018,
-      alpha = 1, tau = 1), the paper's default, written here from its formula; ``inst_loss="ce"``
-      switches to cross-entropy.
+    * Instance loss: the smooth top-1 SVM (Berrada, Zisserman & Kumar, ICLR 2018, alpha = 1,
+      tau = 1) of the reference code's ``--inst_loss svm`` (its README's commands), written
+      here from its formula, including the ``smooth-topk`` package's switch of a row to the
+      hard SVM when its score gap is >= tau * log(1000) (``svm_hard_switch``);
+      ``inst_loss="ce"`` switches to cross-entropy (the reference ``main.py`` default).
     * Objective: the paper minimises ``bag_weight * CE + (1 - bag_weight) * L_inst`` with
       bag_weight = 0.7. The engine minimises ``CE + loss_aux``, so ``loss_aux`` is
       ``(1 - bag_weight) / bag_weight * L_inst``: the same objective divided by bag_weight.
@@ -30,6 +33,8 @@ What is the paper's and what is adapted:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
@@ -40,19 +45,33 @@ from gimplib.models.baselines._common import GatedAttention, check_inputs, maske
 __all__ = ["CLAM_MB", "CLAM_SB", "smooth_top1_svm_loss"]
 
 
-def smooth_top1_svm_loss(logits: Tensor, y: Tensor, *, alpha: float = 1.0, tau: float = 1.0) -> Tensor:
+def smooth_top1_svm_loss(
+    logits: Tensor, y: Tensor, *, alpha: float = 1.0, tau: float = 1.0, hard_thresh: float | None = None
+) -> Tensor:
     """Smooth top-1 multi-class SVM loss (Berrada et al. 2018), mean over rows.
 
     ``L(s, y) = tau * log sum_j exp((alpha * [j != y] + s_j) / tau) - s_y``; it is the
     cross-entropy when alpha = 0 and tau = 1, and tends to the hinge loss as tau -> 0.
 
+    With ``hard_thresh`` (the ``smooth-topk`` package's ``SmoothTop1SVM``, which CLAM uses,
+    has 1000), a row whose two largest scores differ by at least ``tau * log(hard_thresh)``
+    takes the hard loss ``max_j (s_j + alpha * [j != y]) - s_y`` instead, as that package does.
+
     Args:
         logits: scores s (m, C).
         y: target classes (m,).
+        alpha: margin.
+        tau: temperature.
+        hard_thresh: switch rows with a large score gap to the hard SVM; None = never.
     """
     margin = alpha * (1.0 - F.one_hot(y, logits.shape[-1]).to(logits.dtype))
-    lse = tau * torch.logsumexp((logits + margin) / tau, dim=-1)
-    return (lse - logits.gather(1, y[:, None]).squeeze(1)).mean()
+    s_y = logits.gather(1, y[:, None]).squeeze(1)
+    loss = tau * torch.logsumexp((logits + margin) / tau, dim=-1) - s_y
+    if hard_thresh is not None and logits.shape[-1] > 1:
+        top2 = logits.detach().topk(2, dim=-1).values
+        hard = (top2[:, 0] - top2[:, 1]) >= tau * math.log(hard_thresh)
+        loss = torch.where(hard, (logits + margin).amax(dim=-1) - s_y, loss)
+    return loss.mean()
 
 
 class _CLAM(nn.Module):
@@ -70,6 +89,7 @@ class _CLAM(nn.Module):
         inst_loss: str = "svm",
         bag_weight: float = 0.7,
         subtyping: bool = True,
+        svm_hard_switch: bool = True,
     ):
         super().__init__()
         if inst_loss not in ("svm", "ce"):
@@ -79,6 +99,7 @@ class _CLAM(nn.Module):
         self.in_dim, self.num_classes = in_dim, num_classes
         self.k_sample, self.inst_loss, self.subtyping = k_sample, inst_loss, subtyping
         self.inst_weight = (1.0 - bag_weight) / bag_weight
+        self.svm_hard_thresh = 1e3 if svm_hard_switch else None
         self.encoder = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         branches = num_classes if self.multi_branch else 1
         self.attention = GatedAttention(in_dim=embed_dim, hidden=attn_dim, num_branches=branches, dropout=dropout)
@@ -110,7 +131,7 @@ class _CLAM(nn.Module):
                     continue
                 logits = clf(h_i[idx])
                 if self.inst_loss == "svm":
-                    per_class.append(smooth_top1_svm_loss(logits, target))
+                    per_class.append(smooth_top1_svm_loss(logits, target, hard_thresh=self.svm_hard_thresh))
                 else:
                     per_class.append(F.cross_entropy(logits, target))
             losses.append(torch.stack(per_class).mean())
@@ -154,6 +175,8 @@ class CLAM_SB(_CLAM):
         inst_loss: "svm" (smooth top-1 SVM, default) or "ce".
         bag_weight: weight of the bag loss in the paper's objective (0.7).
         subtyping: also train every other class's instance classifier on negatives.
+        svm_hard_switch: rows with a score gap >= log(1000) take the hard SVM loss, as the
+            reference code's ``SmoothTop1SVM`` (off: always the smooth loss).
     """
 
     multi_branch = False

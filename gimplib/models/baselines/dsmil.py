@@ -1,7 +1,8 @@
 """DSMIL: dual-stream multiple-instance learning.
 
 Li, Li & Eliceiri, "Dual-stream Multiple Instance Learning Network for Whole Slide Image
-Classification with Self-supervised Contrastive Learning", CVPR 2021.
+Classification with Self-supervised Contrastive Learning", CVPR 2021; reference code
+github.com/binli123/dsmil-wsi (``dsmil.py``: ``FCLayer`` + ``BClassifier``).
 
 What is the paper's and what is adapted:
     * Stream 1 (max-pooling instance classifier): a linear instance classifier scores every
@@ -82,9 +83,11 @@ class DSMIL(nn.Module):
         self.bag_classifier = nn.Conv1d(num_classes, num_classes, kernel_size=in_dim)
 
     def forward(self, feats: Tensor, mask: Tensor | None = None, genes: Tensor | None = None, y: Tensor | None = None) -> dict:
-        """feats (b, n, D), mask (b, n), y (b,) | None -> dict(logits (b, C), loss_aux, attn (b, n), logits_max (b, C)).
+        """feats (b, n, D), mask (b, n), y (b,) | None -> dict(logits (b, C), loss_aux, attn (b, n), logits_max (b, C),
+        attn_classes (b, n, C)).
 
-        ``attn`` is the critical-instance attention of the predicted class.
+        ``attn`` is the critical-instance attention of the predicted class; ``attn_classes``
+        holds every class's (the reference code's ``A``).
         """
         mask = check_inputs("DSMIL", feats, mask, in_dim=self.in_dim)
         # stream 1: instance scores, max over the valid patches
@@ -102,4 +105,4 @@ class DSMIL(nn.Module):
         loss_aux = self.max_loss_weight * ce_or_zero(logits_max, y)
         pred = logits.argmax(dim=-1)
         attn_pred = torch.gather(attn, 2, repeat(pred, "b -> b n 1", n=attn.shape[1]))
-        return output(logits, loss_aux, attn=rearrange(attn_pred, "b n 1 -> b n"), logits_max=logits_max)
+        return output(logits, loss_aux, attn=rearrange(attn_pred, "b n 1 -> b n"), logits_max=logits_max, attn_classes=attn)

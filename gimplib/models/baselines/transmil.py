@@ -1,14 +1,14 @@
 """TransMIL: transformer-based correlated multiple-instance learning.
 
 Shao, Bian, Chen, Wang, Zhang, Ji & Zhang, "TransMIL: Transformer based Correlated Multiple
-Instance Learning for Whole Slide Image Classification", NeurIPS 2021.
+Instance Learning for Whole Slide Image Classification", NeurIPS 2021; reference code
+github.com/szc19990412/TransMIL (``models/TransMIL.py``).
 
 What is the paper's and what is adapted:
     * Patch features -> Linear + ReLU to ``embed_dim``; the sequence is made square by
-      appending copies of its first tokens (N -> ceil(sqrt N)^2) and a class token is
-      prepended. Kept. (The reference code copies only the first ``add_length`` tokens,
-      which fails when that exceeds N on tiny bags; we tile the sequence instead, which is
-      identical whenever the original works.)
+      appending copies of its first ``ceil(sqrt N)^2 - N`` tokens and a class token
+      (initialised from a standard normal, as the reference code) is prepended. Same.
+      (The copy never runs out of tokens: ``ceil(sqrt N)^2 - N <= N`` for every N >= 1.)
     * Two Nystrom self-attention layers (pre-norm, residual, no MLP), with the PPEG module
       between them: the patch tokens are laid out on the ``H x H`` grid and summed with three
       depthwise convolutions (7, 5, 3) and the identity; the class token is passed through.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from nystrom_attention import NystromAttention
 from torch import Tensor, nn
 
@@ -101,7 +101,7 @@ class TransMIL(nn.Module):
         self.in_dim = in_dim
         landmarks = num_landmarks if num_landmarks is not None else embed_dim // 2
         self.encoder = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU())
-        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
         self.layer1 = _TransLayer(dim=embed_dim, num_heads=num_heads, num_landmarks=landmarks, dropout=dropout)
         self.ppeg = PPEG(dim=embed_dim)
         self.layer2 = _TransLayer(dim=embed_dim, num_heads=num_heads, num_landmarks=landmarks, dropout=dropout)
@@ -112,10 +112,9 @@ class TransMIL(nn.Module):
         """feats (b, n, D), all valid -> class-token embedding (b, embed_dim)."""
         h = self.encoder(feats)
         n = h.shape[1]
-        # square the sequence by tiling it (the first tokens are repeated at the end)
+        # square the sequence: its first tokens are repeated at the end
         side = math.ceil(math.sqrt(n))
-        reps = math.ceil(side * side / n)
-        h = repeat(h, "b n d -> b (r n) d", r=reps)[:, : side * side]
+        h = torch.cat([h, h[:, : side * side - n]], dim=1)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
         # attention, position encoding on the grid, attention
         h = self.layer2(self.ppeg(self.layer1(h), side))
