@@ -3,7 +3,8 @@ both modalities, image only and genes only, against models trained on one modali
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python dev/measure_missing_modality.py --workdir /tmp/mm --seeds 0 1 2
 
-Settings are demo.yaml's (stages 02, 04, 05); writes ``<workdir>/missing_modality.json`` and a CSV.
+Settings are demo.yaml's (stages 02, 04, 05); writes ``<workdir>/missing_modality_e<epochs>_p<p>.json``
+and a CSV (one row per seed, model and input).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/missing_modality")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--modality-dropout", type=float, default=0.5)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: demo.yaml's 05_finetune num_epochs")
     args = p.parse_args()
     work = Path(args.workdir)
     params = yaml.safe_load((ROOT / "notebooks" / "params" / "demo.yaml").read_text())
@@ -74,13 +76,16 @@ def main() -> None:
                                                      decoder_hidden=pre["decoder_hidden"]),
                                    window_len=pre["window_len"], num_epochs=pre["num_epochs"],
                                    batch_size=pre["batch_size"], lr=pre["lr"], **common)
+        epochs = args.finetune_epochs or ft["num_epochs"]
         kw = dict(pretrained_ckpt=pretrained.checkpoint, head_kwargs=dict(hidden=ft["hidden"]),
-                  max_patches=ft["max_patches"], num_epochs=ft["num_epochs"], lr=ft["lr"], **common)
+                  max_patches=ft["max_patches"], num_epochs=epochs, lr=ft["lr"], **common)
+        tag = "" if epochs == ft["num_epochs"] else f"_e{epochs}"
+        any_tag = tag + ("" if args.modality_dropout == 0.5 else f"_p{args.modality_dropout:g}")
         runs = {
-            "paper (CLS_pat)": finetune(cohort, split, out_dir=run / "ft_paper", **kw),
-            f"modality dropout {args.modality_dropout:g}": finetune(cohort, split, out_dir=run / "ft_any",
+            "paper (CLS_pat)": finetune(cohort, split, out_dir=run / f"ft_paper{tag}", **kw),
+            f"modality dropout {args.modality_dropout:g}": finetune(cohort, split, out_dir=run / f"ft_any{any_tag}",
                                                                     modality_dropout=args.modality_dropout, **kw),
-            "image only (CLS_img)": finetune(cohort, split, out_dir=run / "ft_image", use_genes=False, **kw),
+            "image only (CLS_img)": finetune(cohort, split, out_dir=run / f"ft_image{tag}", use_genes=False, **kw),
         }
         test = list(split["test"])
         for name, res in runs.items():
@@ -90,9 +95,11 @@ def main() -> None:
                      "accuracy": genes.metrics["test_accuracy"], "n_test": len(test)})
         print(pd.DataFrame(rows).query("seed == @seed").to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
-    table.to_csv(work / "missing_modality.csv", index=False)
+    table["finetune_epochs"] = args.finetune_epochs or ft["num_epochs"]
+    name = f"missing_modality_e{table['finetune_epochs'].iloc[0]}_p{args.modality_dropout:g}"
+    table.to_csv(work / f"{name}.csv", index=False)
     summary = table.groupby(["model", "input"])["accuracy"].agg(["mean", "std", "count"]).reset_index()
-    (work / "missing_modality.json").write_text(json.dumps(summary.to_dict(orient="records"), indent=2))
+    (work / f"{name}.json").write_text(json.dumps(summary.to_dict(orient="records"), indent=2))
     print(summary.to_string(index=False))
 
 
