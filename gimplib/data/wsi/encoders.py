@@ -113,7 +113,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         name="gigapath", feat_dim=1536, arch="vit_giant_patch14_dinov2",
         timm_kwargs=dict(img_size=224, patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
                          mlp_ratio=5.33334, num_classes=0),
-        resize=256, interpolation="bicubic", licence="Apache-2.0 (the model card restricts use to research)",
+        resize=256, interpolation="bicubic", licence="Apache-2.0 (gated: accept the conditions on its card)",
         weights_from="https://huggingface.co/prov-gigapath/prov-gigapath", weights_file="pytorch_model.bin",
     ),
     "hoptimus0": EncoderSpec(
