@@ -888,6 +888,25 @@ NB05 = [
     }, index=["accuracy", "AUC"])
     table
     """),
+    md("""
+    ## New patients: `gimp-predict`
+
+    The fine-tuned run applied to patients as a user would apply it to new ones: a folder of
+    bags, the gene table, and a `dataset.csv` naming the patients (here the test split). The
+    result has one row per patient, with the checkpoint's sha256; the command line is
+    `gimp-predict RUN BAGS -o OUT`.
+    """),
+    code("""
+    from gimplib.predict import predict
+
+    listing = pd.read_csv(cohort_dir / "dataset.csv", dtype=str)
+    listing[listing["case_id"].isin(split["test"])].to_csv(stage_dir / "test_patients.csv", index=False)
+    new = predict(run.out_dir, cohort_dir, dataset_csv=stage_dir / "test_patients.csv", out_dir=stage_dir / "predict",
+                  device=device, progress=False)
+    print(f"gimp-predict on {len(new)} test patients: accuracy {(new['pred_label'] == new['label']).mean():.3f} "
+          f"(the run's own test accuracy: {run.metrics['test_accuracy']:.3f})")
+    new.drop(columns=["checkpoint"]).head()
+    """),
     md(r"""
     ## Summary
 

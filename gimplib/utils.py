@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ __all__ = [
     "load_json",
     "save_json",
     "seed_everything",
+    "sha256_file",
     "strict_json",
 ]
 
@@ -149,3 +151,12 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
 def load_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks): a checkpoint's or a weights file's identity."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -374,6 +374,7 @@ def write_bag(
     chunk_rows: int = 1024,
     coords_dtype: str = "int64",
     file_attrs: dict | None = None,
+    feature_attrs: dict | None = None,
 ) -> Path:
     """Write a bag as CLAM does (chunked, resizable datasets), atomically.
 
@@ -388,6 +389,7 @@ def write_bag(
         coords_dtype: stored coords dtype (CLAM's ``extract_features_fp.py`` writes int32).
         file_attrs: attributes of the file itself (gimp-extract records the encoder and its
             weights' identity there, see :func:`bag_encoder`).
+        feature_attrs: attributes of the ``features`` dataset (TRIDENT names its encoder there).
 
     Returns:
         ``path``.
@@ -400,9 +402,11 @@ def write_bag(
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             rows = max(1, min(chunk_rows, n))
-            f.create_dataset(
+            fds = f.create_dataset(
                 "features", data=feats.astype(dtype), maxshape=(None, d), chunks=(rows, d)
             )
+            for key, value in (feature_attrs or {}).items():
+                fds.attrs[key] = value
             if coords is not None:
                 coords = coords.cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
                 if coords.shape != (n, 2):

@@ -1,5 +1,6 @@
 """Models: GroupMSA and SNN gene encoders, the Nystrom patch aggregator, GiMP, heads."""
 
+from gimplib.models.any_modality import AnyModalityClassifier
 from gimplib.models.aggregator import AggregatorOutput, NystromLayer, PatchAggregator, nystrom_attention_chunked
 from gimplib.models.gene_encoders import GENE_ENCODERS, build_gene_encoder
 from gimplib.models.gimp import GiMP, GiMPClassifier, aggregator_state_dict, random_patch_mask
@@ -10,6 +11,7 @@ from gimplib.models import baselines  # noqa: F401  the compared systems (gimpli
 
 __all__: list[str] = [
     "AggregatorOutput",
+    "AnyModalityClassifier",
     "GENE_ENCODERS",
     "GiMP",
     "GiMPClassifier",

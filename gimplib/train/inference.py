@@ -115,9 +115,15 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
         spec = cfg.get("gene_encoder")
         encoder = build_gene_encoder(spec["encoder"], **spec["build"]) if exists(spec) else None
-        net = GiMPClassifier(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]), gene_encoder=encoder,
-                             num_classes=len(cfg["cohort"]["label_names"]),
-                             freeze_gene_encoder=cfg.get("freeze_gene_encoder", True), **cfg["head_kwargs"])
+        kwargs = dict(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]), gene_encoder=encoder,
+                      num_classes=len(cfg["cohort"]["label_names"]),
+                      freeze_gene_encoder=cfg.get("freeze_gene_encoder", True), **cfg["head_kwargs"])
+        if cfg.get("modality_dropout"):  # our missing-modality extension
+            from gimplib.models.any_modality import AnyModalityClassifier
+
+            net = AnyModalityClassifier(modality_dropout=cfg["modality_dropout"], **kwargs)
+        else:
+            net = GiMPClassifier(**kwargs)
         kind = "classifier"
     elif task == "pretrain_baseline":
         from gimplib.models.baselines import build_baseline

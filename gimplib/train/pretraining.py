@@ -291,6 +291,7 @@ def finetune(
     freeze_aggregator: bool = False,
     freeze_gene_encoder: bool = True,
     use_genes: bool | None = None,
+    modality_dropout: float = 0.0,
     input: str = "bag",
     window_len: int = 6000,
     max_patches: int | None = None,
@@ -328,6 +329,11 @@ def finetune(
             had a gene encoder. False drops the genes after pre-training and classifies
             ``CLS_img`` alone, an ablation of ours (what this library did before it followed
             the paper's multimodal fine-tuning).
+        modality_dropout: 0 (default, the paper's classifier). Above 0, our extension for
+            patients missing a modality: an :class:`~gimplib.models.AnyModalityClassifier`
+            whose training patients lose one modality with this probability (a learned
+            placeholder stands in), so that it also predicts from image alone or genes alone.
+            Needs a pre-training with a gene encoder.
         input: ``"bag"`` (whole bags, optionally subsampled to ``max_patches`` during
             training) or ``"window"`` (random contiguous windows of ``window_len``).
         num_epochs, batch_size: paper: up to 70 epochs; bags are padded to a batch with masks.
@@ -372,6 +378,10 @@ def finetune(
                          freeze_gene_encoder=freeze_gene_encoder, head_kwargs=dict(head_kwargs or {}),
                          freeze_aggregator=freeze_aggregator, input=input, window_len=window_len,
                          max_patches=max_patches, select=select, **opts)
+    if modality_dropout:  # recorded only when used, so that the paper's runs keep their configs
+        if gene_spec is None:
+            raise DataError("modality_dropout needs a pretrained_ckpt with a gene encoder (and use_genes not False)")
+        config["modality_dropout"] = float(modality_dropout)
     done = prepare_run(out_dir, config, overwrite)
     if done:
         return done
@@ -389,8 +399,15 @@ def finetune(
             gt = GeneTransform.from_state_dict(pre["gene_transform"])
     else:
         aggregator = PatchAggregator(**agg)
-    net = GiMPClassifier(aggregator=aggregator, gene_encoder=encoder, num_classes=len(cohort.label_names),
-                         freeze_gene_encoder=freeze_gene_encoder, **config["head_kwargs"])
+    if modality_dropout:
+        from gimplib.models.any_modality import AnyModalityClassifier
+
+        net = AnyModalityClassifier(aggregator=aggregator, gene_encoder=encoder, num_classes=len(cohort.label_names),
+                                    freeze_gene_encoder=freeze_gene_encoder, modality_dropout=modality_dropout,
+                                    **config["head_kwargs"])
+    else:
+        net = GiMPClassifier(aggregator=aggregator, gene_encoder=encoder, num_classes=len(cohort.label_names),
+                             freeze_gene_encoder=freeze_gene_encoder, **config["head_kwargs"])
     if freeze_aggregator:
         net.aggregator.requires_grad_(False)
     sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts["seed"],

@@ -10,7 +10,9 @@ Modules:
     tissue    field mode: HSV-saturation tissue mask (CLAM's recipe on pixel masks) and the mask PNG
     patching  field mode: the patch grid at a target magnification; CLAM's patches h5
     features  ResNet50 truncated after layer3 (1024-d) and batched extraction
+    encoders  --encoder: UNI, UNI2-h, Virchow2, Prov-GigaPath, H-optimus-0 built by timm from local weights
     pipeline  one slide / a folder -> cohort folder, resumable, with a status CSV
+    shard     --shard i/n and the per-slide lock files that let several workers share a cohort
     cli       the gimp-extract command
     heatmap   per-patch attention over the slide thumbnail
 """
@@ -24,12 +26,15 @@ from gimplib.data.wsi.features import (
     extract_features,
 )
 from gimplib.data.wsi.cli import main
+from gimplib.data.wsi.encoders import ENCODERS, EncoderSpec, build_timm_encoder, encoder_spec
 from gimplib.data.wsi.heatmap import patch_score_image, patch_size_level0, plot_attention_heatmap
 from gimplib.data.wsi.patching import PatchGrid, patch_grid, read_patches_h5, write_patches_h5
 from gimplib.data.wsi.pipeline import (
     EXTRACT_MODES,
     SLIDE_EXTENSIONS,
     ExtractConfig,
+    config_from_settings,
+    encoder_identity,
     find_slides,
     process_slide,
     process_slides,
@@ -40,10 +45,12 @@ from gimplib.data.wsi.tissue import TissueMask, TissueParams, segment_tissue, sl
 
 __all__ = [
     "CLAM_PRESETS",
+    "ENCODERS",
     "EXTRACT_MODES",
     "SLIDE_EXTENSIONS",
     "ClamParams",
     "ClamSegmentation",
+    "EncoderSpec",
     "ExtractConfig",
     "PatchDataset",
     "PatchGrid",
@@ -52,11 +59,15 @@ __all__ = [
     "TissueMask",
     "TissueParams",
     "build_encoder",
+    "build_timm_encoder",
     "choose_level",
     "clam_patch_coords",
     "clam_patch_grid",
     "clam_segment",
+    "config_from_settings",
     "default_weights_path",
+    "encoder_identity",
+    "encoder_spec",
     "extract_features",
     "find_slides",
     "main",

@@ -5,6 +5,10 @@ Example (CLAM's TCGA preset, as the paper's preprocessing)::
     gimp-extract /data/TCGA-NSCLC/slides /data/TCGA-NSCLC/cohort --labels labels.csv \\
         --weights ~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth --batch-size 256 --num-workers 8
 
+UNI2-h features from the weights file downloaded (under its licence) from its model card::
+
+    gimp-extract SLIDES OUT --encoder uni_v2 --weights ~/models/uni2-h/pytorch_model.bin
+
 A 20x field on every slide of a cohort that mixes 20x and 40x scans::
 
     gimp-extract SLIDES OUT --mode field --magnification 20
@@ -16,6 +20,7 @@ import argparse
 import sys
 
 from gimplib.data.wsi.clam import CLAM_PRESETS, CONTOUR_FNS, ClamParams
+from gimplib.data.wsi.encoders import ENCODERS
 from gimplib.data.wsi.pipeline import EXTRACT_MODES, SLIDE_EXTENSIONS, ExtractConfig, process_slides
 from gimplib.data.wsi.tissue import TissueParams
 from gimplib.utils import DataError
@@ -78,11 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n-holes", type=int, default=None, help="holes kept per tissue region (default: the preset's)")
     e = p.add_argument_group("features")
     e.add_argument("--patch-only", action="store_true", help="masks and patches h5 only, no features")
+    e.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder_name,
+                   help="patch encoder: resnet50_trunc (CLAM's, 1024-d, default) or a foundation model built by timm "
+                        "from --weights (uni_v1 1024-d, uni_v2 1536-d, virchow2 2560-d, gigapath 1536-d, hoptimus0 1536-d)")
     w = e.add_mutually_exclusive_group()
-    w.add_argument("--weights", default=None, help="ResNet50 state dict (default: torchvision's cache; never downloaded)")
+    w.add_argument("--weights", default=None, help="the encoder's weights file (resnet50_trunc default: torchvision's cache; "
+                                                   "foundation models: the file from their model card); never downloaded")
     w.add_argument("--random-weights", action="store_true", help="random encoder, for tests and timing only")
     e.add_argument("--target-patch-size", type=_size_or_none, default=d.out_size,
-                   help="resize patches to this side before the encoder (224 as current CLAM; 'none' as CLAM before April 2024)")
+                   help="resnet50_trunc: resize patches to this side before the encoder (224 as current CLAM; "
+                        "'none' as CLAM before April 2024); the foundation models resize as their model cards say")
     e.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per forward pass")
     e.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers reading patches")
     e.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
@@ -90,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-patches", type=int, default=None, help="at most this many patches per slide (quick looks)")
     p.add_argument("--labels", default=None, help="csv/tsv with label + slide_id/case_id: writes dataset.csv")
     p.add_argument("--overwrite", action="store_true", help="redo slides already done")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="take the I-th of N deterministic shards of the slides (0-based; e.g. $SLURM_ARRAY_TASK_ID/8); "
+                        "workers lock each slide (out_dir/locks/), so shards may run at once (default: all slides)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (slides, and patches inside each slide)")
     return p
 
@@ -106,6 +119,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Extrac
         patch_size=args.patch_size,
         step_size=args.step_size,
         features=not args.patch_only,
+        encoder_name=args.encoder,
         weights=args.weights,
         random_weights=args.random_weights,
         out_size=args.target_patch_size,
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args, parser)
         status = process_slides(
             args.source, args.out_dir, config, overwrite=args.overwrite, labels=args.labels,
-            extensions=args.ext, progress=not args.quiet,
+            extensions=args.ext, progress=not args.quiet, shard=args.shard,
         )
     except DataError as err:
         print(f"gimp-extract: {err}", file=sys.stderr)

@@ -49,6 +49,7 @@ class ResNet50Trunc(nn.Module):
     """
 
     feat_dim = 1024
+    name = "resnet50_trunc"
 
     def __init__(self, *, normalize: bool = True) -> None:
         super().__init__()
@@ -135,11 +136,20 @@ def weights_identity(*, weights: str | os.PathLike | None = None, random_weights
 
 
 def build_encoder(
-    *, weights: str | os.PathLike | None = None, random_weights: bool = False, seed: int = 0
-) -> tuple[ResNet50Trunc, str]:
-    """Build the ResNet50-trunc encoder in eval mode.
+    *,
+    name: str = "resnet50_trunc",
+    weights: str | os.PathLike | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+) -> tuple[nn.Module, str]:
+    """Build a patch encoder in eval mode: ResNet50-trunc (default) or a foundation model.
 
     Args:
+        name: ``"resnet50_trunc"`` (CLAM's) or a foundation model of
+            :data:`~gimplib.data.wsi.encoders.ENCODERS` (``uni_v1``, ``uni_v2``, ``virchow2``,
+            ``gigapath``, ``hoptimus0``; built by timm from ``weights``, see
+            :func:`~gimplib.data.wsi.encoders.build_timm_encoder`).
         weights: a torchvision ResNet50 state dict (full or truncated); None = torchvision's
             cached IMAGENET1K_V1 file, which must already be on disk.
         random_weights: skip loading (seeded random init) -- for tests and timing only;
@@ -150,6 +160,11 @@ def build_encoder(
         ``(model, description)``; the description names the weights and goes into the
         extraction settings.
     """
+    from gimplib.data.wsi.encoders import build_timm_encoder, encoder_spec
+
+    if encoder_spec(name).arch != "resnet50_trunc":
+        model = build_timm_encoder(name, weights=weights, random_weights=random_weights, seed=seed, **overrides)
+        return model, weights_description(weights=weights, random_weights=random_weights, seed=seed)
     if random_weights:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

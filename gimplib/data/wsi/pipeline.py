@@ -38,6 +38,8 @@ __all__ = [
     "find_slides",
     "process_slide",
     "process_slides",
+    "config_from_settings",
+    "encoder_identity",
     "update_dataset_csv",
 ]
 
@@ -60,7 +62,11 @@ RESULT_KEYS = (
     "out_size",
     "half",
     "max_patches",
+    "encoder_name",
+    "weights_sha256",
 )
+# Keys added after the first folders were written: a settings file without them is not a mismatch.
+LATER_KEYS = {"encoder_name": "resnet50_trunc", "weights_sha256": None}
 
 
 @dataclass
@@ -88,11 +94,16 @@ class ExtractConfig:
         min_tissue: minimum tissue fraction of a kept patch (field mode).
         tissue: segmentation settings (field mode).
         features: embed the patches (False: masks and patches h5 only).
-        weights: ResNet50 state-dict file; None = torchvision's cache.
+        encoder_name: the patch encoder: ``"resnet50_trunc"`` (CLAM's, 1024-d) or a
+            foundation model of :data:`~gimplib.data.wsi.encoders.ENCODERS` (``uni_v1``,
+            ``uni_v2``, ``virchow2``, ``gigapath``, ``hoptimus0``).
+        weights: the encoder's weights file; None = torchvision's cache (resnet50_trunc
+            only; the foundation models need the file downloaded from their model card).
         random_weights: random encoder (tests, timing); features are meaningless.
         seed: seed of the random encoder and of ``max_patches`` (evenly spaced, no RNG).
-        out_size: network input side, CLAM's ``target_patch_size`` (224; None = no resize,
-            as CLAM before April 2024).
+        out_size: ResNet50-trunc's input side, CLAM's ``target_patch_size`` (224; None = no
+            resize, as CLAM before April 2024). The foundation models resize as their model
+            cards say (recorded as ``encoder_transform`` in the settings and h5 attributes).
         batch_size: patches per forward pass.
         num_workers: DataLoader workers.
         device: "auto", "cpu", "cuda", ...
@@ -111,6 +122,7 @@ class ExtractConfig:
     min_tissue: float = 0.25
     tissue: TissueParams = field(default_factory=TissueParams)
     features: bool = True
+    encoder_name: str = "resnet50_trunc"
     weights: str | None = None
     random_weights: bool = False
     seed: int = 0
@@ -131,6 +143,9 @@ class ExtractConfig:
                 f"extraction settings: patch_size={self.patch_size}, step_size={self.step_size}, "
                 f"patch_level={self.patch_level}; expected sizes >= 1 and a level >= 0"
             )
+        from gimplib.data.wsi.encoders import encoder_spec
+
+        self.encoder_name = encoder_spec(self.encoder_name).name  # unknown names fail here
         if self.out_size is not None and self.out_size < 1:
             raise DataError(f"extraction settings: out_size={self.out_size}; expected a side >= 1 or None (no resize)")
 
@@ -163,7 +178,7 @@ def process_slide(
     config: ExtractConfig | None = None,
     *,
     encoder: Any = None,
-    encoder_weights: str | None = None,
+    encoder_attrs: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """Segment, patch and (optionally) embed one slide into ``out_dir``.
@@ -173,8 +188,10 @@ def process_slide(
         out_dir: the cohort folder (sub-folders are created).
         config: settings.
         encoder: a built encoder (:func:`build_encoder`); built from ``config`` when None.
-        encoder_weights: the identity of ``encoder``'s weights (:func:`weights_identity`),
-            recorded in the bag's ``encoder_weights`` attribute; computed from ``config`` when None.
+        encoder_attrs: the encoder's identity for the h5 attributes (:func:`encoder_identity`);
+            computed from ``config`` when None. The file itself also records ``encoder`` and
+            ``encoder_weights`` (``"random"`` or ``"sha256:<hex>"``), which :func:`bag_encoder`
+            reads and every stage warns about when random.
         progress: tqdm bar over the slide's patches (patches/s and time left).
 
     Returns:
@@ -195,19 +212,22 @@ def process_slide(
     grid.subset(_subsample(len(grid), config.max_patches))
     write_patches_h5(out_dir / "patches" / f"{sid}.h5", grid, sid)
     if config.features:
-        from gimplib.data.wsi.features import ENCODER_NAME, build_encoder, extract_features, weights_identity
+        from gimplib.data.wsi.features import build_encoder, extract_features
 
         if encoder is None:
-            encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
-        if encoder_weights is None:
-            encoder_weights = weights_identity(weights=config.weights, random_weights=config.random_weights)
+            encoder, _ = build_encoder(name=config.encoder_name, weights=config.weights,
+                                       random_weights=config.random_weights, seed=config.seed)
+        if encoder_attrs is None:
+            encoder_attrs = encoder_identity(config)
+        digest = str(encoder_attrs["weights_sha256"])
+        encoder_weights = "random" if digest.startswith("random") else f"sha256:{digest}"
         feats = extract_features(
             slide_path,
             grid.coords,
             encoder,
             level=grid.patch_level,
             read_size=grid.patch_size,
-            out_size=config.out_size,
+            out_size=config.out_size if config.encoder_name == "resnet50_trunc" else None,
             fill="black" if config.mode == "clam" else "white",
             batch_size=config.batch_size,
             num_workers=config.num_workers,
@@ -217,10 +237,13 @@ def process_slide(
         )
         if not np.isfinite(feats).all():
             raise DataError(f"slide {slide_path}: the encoder produced NaN/inf features")
+        attrs = {**grid.attrs(sid, (out_dir / "h5_files").resolve()), **encoder_attrs,
+                 "overlap": int(config.patch_size - (config.step_size or config.patch_size))}  # TRIDENT's attribute
         write_bag(
-            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=grid.attrs(sid, (out_dir / "h5_files").resolve()),
+            out_dir / "h5_files" / f"{sid}.h5", feats, grid.coords, attrs=attrs,
+            feature_attrs={"encoder": encoder_attrs["encoder"], "name": sid},  # where TRIDENT names its encoder
             coords_dtype="int32" if config.mode == "clam" else "int64",  # CLAM's extract_features_fp.py: int32
-            file_attrs={"encoder": ENCODER_NAME, "encoder_weights": encoder_weights},
+            file_attrs={"encoder": encoder_attrs["encoder"], "encoder_weights": encoder_weights},
         )
         write_bag_pt(out_dir / "pt_files" / f"{sid}.pt", feats)
     return {
@@ -287,7 +310,71 @@ def _field_grid(slide_path: Path, config: ExtractConfig) -> tuple[PatchGrid, Tis
     return grid, tissue, why_empty
 
 
-def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
+def encoder_identity(config: ExtractConfig) -> dict:
+    """The encoder's identity and patch preparation, for the h5 attributes and the settings JSON.
+
+    Returns:
+        ``encoder`` (name), ``weights_sha256`` (``random(seed=...)`` for random weights),
+        ``feat_dim``, ``resize``, ``normalization``, ``pool``.
+
+    Raises:
+        DataError: the weights file is missing (the message says where to get it).
+    """
+    from gimplib.data.wsi.encoders import encoder_spec
+    from gimplib.utils import sha256_file
+
+    spec = encoder_spec(config.encoder_name)
+    out = spec.transform_settings()
+    if spec.arch == "resnet50_trunc":  # CLAM's: PIL bilinear resize to target_patch_size, ImageNet mean/std
+        out["resize"] = f"{config.out_size} px bilinear (PIL)" if config.out_size else "none"
+    if config.random_weights:
+        out["weights_sha256"] = f"random(seed={config.seed})"
+        return out
+    if config.weights is not None:
+        path = Path(config.weights)
+    elif spec.arch == "resnet50_trunc":
+        from gimplib.data.wsi.features import default_weights_path
+
+        path = default_weights_path()
+    else:
+        path = None
+    if path is None or not path.is_file():
+        raise DataError(
+            f"encoder {spec.name}: weights file {path or '(none given)'} not found; download {spec.weights_file} "
+            f"from {spec.weights_from} (licence {spec.licence}) and pass its path (--weights), or use "
+            "--random-weights for a test run; nothing is downloaded here"
+        )
+    out["weights_sha256"] = sha256_file(path)
+    return out
+
+
+def config_from_settings(settings: dict | str | os.PathLike, **changes: Any) -> ExtractConfig:
+    """The :class:`ExtractConfig` an ``extract_settings.json`` was written with (to extract new slides alike).
+
+    Args:
+        settings: the settings dict or the JSON file.
+        **changes: fields to replace (runtime ones: ``weights`` when the file moved, ``device``,
+            ``batch_size``, ``num_workers``).
+    """
+    from dataclasses import fields
+
+    if not isinstance(settings, dict):
+        settings = load_json(settings)
+    names = {f.name for f in fields(ExtractConfig)}
+    values = {k: v for k, v in settings.items() if k in names and v is not None}
+    if values.get("mode", "clam") == "clam":
+        values["clam"] = ClamParams(**{k: (tuple(v) if k.endswith("_ids") else v) for k, v in settings["clam"].items()})
+        values.pop("tissue", None)
+    else:
+        values["tissue"] = TissueParams(**settings["tissue"])
+        values.pop("clam", None)
+    if settings.get("features") and "out_size" not in values and settings.get("encoder_name", "resnet50_trunc") == "resnet50_trunc":
+        values["out_size"] = None  # CLAM before April 2024: no resize
+    values.update(changes)
+    return ExtractConfig(**values)
+
+
+def _settings(config: ExtractConfig, encoder_desc: str | None, identity: dict | None = None) -> dict:
     import gimplib
 
     settings = asdict(config)
@@ -297,6 +384,14 @@ def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
     else:
         settings["patch_level"] = None
     settings["encoder"] = encoder_desc if config.features else None
+    if config.features:
+        ident = identity or encoder_identity(config)
+        settings["weights_sha256"] = ident["weights_sha256"]
+        settings["encoder_transform"] = {k: v for k, v in ident.items() if k not in ("encoder", "weights_sha256")}
+        if config.encoder_name != "resnet50_trunc":
+            settings["out_size"] = None  # the model card's own resize applies (encoder_transform)
+    else:
+        settings["encoder_name"] = settings["weights_sha256"] = None
     versions = {"gimplib": gimplib.__version__}
     for mod in ("torch", "torchvision", "openslide"):
         try:
@@ -309,9 +404,9 @@ def _settings(config: ExtractConfig, encoder_desc: str | None) -> dict:
 
 def _check_settings(path: Path, settings: dict) -> None:
     old = load_json(path)
-    keys = RESULT_KEYS
+    keys = tuple(k for k in RESULT_KEYS if k in old or k not in LATER_KEYS)
     if old.get("features") is False and settings.get("features"):  # CLAM's two steps: patch, then embed
-        keys = tuple(k for k in RESULT_KEYS if k not in ("features", "encoder"))
+        keys = tuple(k for k in keys if k not in ("features", "encoder", "encoder_name", "weights_sha256"))
     diff = [k for k in keys if old.get(k) != settings.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
@@ -329,12 +424,15 @@ def _is_done(out_dir: Path, sid: str, features: bool) -> bool:
 
 
 def _write_status(path: Path, rows: list[dict]) -> None:
+    from gimplib.data.wsi.shard import shared_file_lock
+
     new = pd.DataFrame(rows, columns=STATUS_COLUMNS)
-    if path.is_file():
-        old = pd.read_csv(path, dtype={"slide_id": str})
-        new = pd.concat([old[~old.slide_id.isin(new.slide_id)], new], ignore_index=True)
-    with atomic_path(path) as tmp:
-        new.to_csv(tmp, index=False)
+    with shared_file_lock(path):  # several workers (--shard) merge their rows into one file
+        if path.is_file():
+            old = pd.read_csv(path, dtype={"slide_id": str})
+            new = pd.concat([old[~old.slide_id.isin(new.slide_id)], new], ignore_index=True)
+        with atomic_path(path) as tmp:
+            new.to_csv(tmp, index=False)
 
 
 def process_slides(
@@ -346,6 +444,8 @@ def process_slides(
     labels: str | os.PathLike | pd.DataFrame | None = None,
     extensions: Iterable[str] = SLIDE_EXTENSIONS,
     progress: bool = True,
+    encoder: Any = None,
+    shard: str | tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Turn a folder of slides into a CLAM cohort folder; resumable, one failure does not stop the rest.
 
@@ -358,11 +458,18 @@ def process_slides(
             ``case_id``; when given, ``dataset.csv`` is written/updated for every bag.
         extensions: slide file extensions looked for in a folder.
         progress: tqdm bar over slides.
+        encoder: an encoder already built for ``config.encoder_name`` (tests use a smaller
+            model of the same widths); default: built from ``config``.
+        shard: ``"i/n"`` or ``(i, n)``: this worker takes the slides at positions ``i`` modulo
+            ``n`` of the slide ids in sorted order (see :mod:`gimplib.data.wsi.shard`). Every
+            worker takes a slide through a lock file, so that workers never embed the same slide.
 
     Returns:
-        One row per slide of this call: slide_id, status ("done", "skipped", "failed"),
-        n_patches, seconds, error, path. The same rows are merged into ``extract_status.csv``.
+        One row per slide of this call: slide_id, status ("done", "skipped", "failed", or
+        "locked": another worker holds it), n_patches, seconds, error, path. The rows other
+        than "locked" are merged into ``extract_status.csv``.
     """
+    from gimplib.data.wsi.shard import parse_shard, release_slide, shard_items, take_slide
     from tqdm.auto import tqdm
 
     config = config or ExtractConfig()
@@ -372,6 +479,8 @@ def process_slides(
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise DataError(f"{source}: several slide files share the slide id(s) {dupes}")
+    slides = shard_items(slides, ids, parse_shard(shard))
+    ids = [slide_id_of(p) for p in slides]
     todo = [p for p, sid in zip(slides, ids) if overwrite or not _is_done(out_dir, sid, config.features)]
     if labels is not None:  # a wrong labels path or slide ids fail now, not after hours of extraction
         table = _read_labels(labels)
@@ -380,18 +489,19 @@ def process_slides(
             raise DataError(f"{table['name']}: no label for slide(s) {unlabelled[:5]}"
                             f"{' ...' if len(unlabelled) > 5 else ''} of {source}; expected a row per slide "
                             f"(slide_id column, e.g. {unlabelled[0]!r}) or per patient (case_id column)")
-    encoder, desc, identity = None, None, None
+    desc, identity = None, None
     if config.features:
-        from gimplib.data.wsi.features import build_encoder, weights_description, weights_identity
+        from gimplib.data.wsi.features import build_encoder, weights_description
 
         desc = weights_description(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
-    settings = _settings(config, desc)
+        identity = encoder_identity(config)  # fails early on a missing weights file
+    settings = _settings(config, desc, identity)
     settings_path = out_dir / "extract_settings.json"
     if settings_path.is_file() and not overwrite:
         _check_settings(settings_path, settings)
-    if config.features and todo:  # fails early (missing weights) before any slide is touched
-        encoder, _ = build_encoder(weights=config.weights, random_weights=config.random_weights, seed=config.seed)
-        identity = weights_identity(weights=config.weights, random_weights=config.random_weights)
+    if config.features and todo and encoder is None:  # fails early (missing weights) before any slide is touched
+        encoder, _ = build_encoder(name=config.encoder_name, weights=config.weights,
+                                   random_weights=config.random_weights, seed=config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if todo or not settings_path.is_file():
         save_json(settings_path, settings)
@@ -411,18 +521,31 @@ def process_slides(
             if not _has_status(status_path, sid):  # keep the slide's original status and time on resume
                 _write_status(status_path, [{**row, "status": "done", "seconds": float("nan")}])
             continue
-        start = time.perf_counter()
-        try:
-            result = process_slide(path, out_dir, config, encoder=encoder, encoder_weights=identity,
-                                   progress=progress)
-            row.update(status="done", n_patches=result["n_patches"], seconds=result["seconds"])
-        except Exception as err:  # one bad slide must not stop a night's run
-            row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
-            tqdm.write(f"failed: {sid}: {err}", file=sys.stderr)
+        if (lock := take_slide(out_dir, sid)) is None:
+            row.update(status="locked", n_patches=0, seconds=0.0, error="another worker holds locks/" + sid + ".lock")
+        elif not overwrite and _is_done(out_dir, sid, config.features):  # finished by another worker meanwhile
+            release_slide(lock)
+            row.update(status="skipped", n_patches=bag_info(out_dir / "h5_files" / f"{sid}.h5")[0]
+                       if config.features else len(read_patches_h5(out_dir / "patches" / f"{sid}.h5")[0]), seconds=0.0)
+        else:
+            start = time.perf_counter()
+            try:
+                result = process_slide(path, out_dir, config, encoder=encoder, encoder_attrs=identity,
+                                       progress=progress)
+                row.update(status="done", n_patches=result["n_patches"], seconds=result["seconds"])
+            except Exception as err:  # one bad slide must not stop a night's run
+                row.update(status="failed", n_patches=0, seconds=round(time.perf_counter() - start, 3), error=str(err))
+                tqdm.write(f"failed: {sid}: {err}", file=sys.stderr)
+            finally:
+                release_slide(lock)
         rows.append(row)
-        _write_status(status_path, [row])
+        if row["status"] != "locked":
+            _write_status(status_path, [row])
     if labels is not None:
-        update_dataset_csv(out_dir, labels)
+        from gimplib.data.wsi.shard import shared_file_lock
+
+        with shared_file_lock(out_dir / "dataset.csv"):
+            update_dataset_csv(out_dir, labels)
     return pd.DataFrame(rows, columns=STATUS_COLUMNS)
 
 
