@@ -247,7 +247,9 @@ class SweepConfig:
             # PORPOISE's gates shrink its 256-d embeddings by `scale` (8); at 512 (the paper's
             # scale) this is the official model, and a smaller demo keeps the gates 8+ wide
             "porpoise": dict(embed_dim=self.embed_dim, scale=max(1, min(8, self.embed_dim // 64))),
-            "mcat": dict(embed_dim=self.embed_dim // 2, num_heads=self.num_heads),  # official: 256 at d = 512
+            # MCAT's official width is 256 at d = 512; at least 32, so that a small demo's heads keep
+            # 8 dimensions (at 16 wide, 4 heads, it predicted one class on every demo seed)
+            "mcat": dict(embed_dim=max(32, self.embed_dim // 2), num_heads=self.num_heads),
         }.get(name, {})
 
 
