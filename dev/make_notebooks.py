@@ -327,11 +327,12 @@ NB02 = [
     $$
     \hat t_k = \mathrm{MSA}\big([\,t_k;\; E_{k,1}\,g_{k,1};\; \dots;\; E_{k,F/K}\,g_{k,F/K}\,]\big)_0, \qquad
     \mathrm{CLS}_{ge} = \mathrm{MSA}\big([\,\mathrm{cls};\; \hat t_1;\; \dots;\; \hat t_K\,]\big)_0
-    \tag{1, 2}
     $$
 
-    (in our notation; fragment size $s$ and group count $K$ are not given in the paper and are
-    parameters here). Cost grows with $F^2/K$ instead of $F^2$. Each fragment has its own
+    (our reading of the paper's description, in our notation and unnumbered: the paper gives
+    GroupMSA no equation, and its numbers (1)-(4) belong to the aggregator, MPM and the triplet
+    loss; fragment size $s$ and group count $K$ are not given in the paper and are parameters
+    here). Cost grows with $F^2/K$ instead of $F^2$. Each fragment has its own
     embedding matrix $E_{k,j}$ by default (`fragment_proj = "per_fragment"`, ours: with one
     shared matrix, the genes at the same offset of different fragments share their weights,
     and on real TCGA expression that cost 11 points of accuracy, see
@@ -491,7 +492,7 @@ NB02 = [
     ## Summary
 
     - GroupMSA turns ~60k genes into one token, $\\mathrm{CLS}_{ge}$, at a cost set by the
-      fragment size and the number of groups (Eq. 1).
+      fragment size and the number of groups (the equation above).
     - It is trained with labels on the training patients only, then frozen: stage 04 loads
       `workdir/02_genes/<encoder>/best.pt`.
     - The comparison puts it beside the SNN and a logistic regression on the same patients;
@@ -517,13 +518,14 @@ NB03 = [
 
     $$
     [\,\mathrm{CLS}_{img};\; z_1; \dots; z_L\,] = \mathrm{NystromMSA}^{(2)}\big([\,\mathrm{cls};\;
-    h_1; \dots; h_L\,]\big), \qquad
-    h_j = \begin{cases} m & j \in M \\ \mathrm{ReLU}(W x_j) & \text{else} \end{cases}
+    u_1; \dots; u_L\,]\big), \qquad
+    u_j = \begin{cases} m & j \in M \\ \mathrm{ReLU}(W h_j) & \text{else} \end{cases}
     $$
 
-    and a light decoder maps the tokens back to $\mathbb{R}^{1024}$, giving $\hat h_j$. The paper's
-    reconstruction loss is a **sum** over the masked positions of L1 norms of the original
-    embeddings $h_j$ (here the 1024-d patch features) minus their reconstructions:
+    ($h_j$ the 1024-d patch embeddings, $u_j$ their tokens), and a light decoder maps the output
+    tokens $z_j$ back to $\mathbb{R}^{1024}$, giving $\hat h_j$. The paper's reconstruction loss
+    is a **sum** over the masked positions of L1 norms of the original embeddings minus their
+    reconstructions:
 
     $$
     \mathcal{L}_{rec} = \sum_{j=1}^{L} \mathbb{1}[j \in M]\, \lVert h_j - \hat h_j \rVert_1 .
@@ -1052,7 +1054,7 @@ NB06 = [
     md("""
     ## Gene-group attributions
 
-    GroupMSA's inter-group attention (Eq. 1) says how much each group of gene fragments
+    GroupMSA's inter-group attention (stage 02) says how much each group of gene fragments
     contributes to $\\mathrm{CLS}_{ge}$. Each group is labelled with its three genes whose class
     means differ most on the training patients; the dotted line is uniform attention.
     """),
