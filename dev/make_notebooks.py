@@ -80,8 +80,27 @@ def setup(stage: str, require: str = "None", cache: bool = False) -> str:
     '''
 
 
+def parameter_check(cells: list, stem: str) -> list:
+    """The cells with a hidden type check of the parameters inserted after the ``parameters`` cell.
+
+    Papermill injects its parameters right after that cell, so the check sees the values a run
+    was given (``papermill -p``, the book runner's, or the defaults)."""
+    out = []
+    for cell in cells:
+        out.append(cell)
+        if "parameters" in cell.metadata.get("tags", []):
+            defaults: dict = {}
+            exec(cell.source, {}, defaults)  # plain `name = literal` lines
+            out.append(code(
+                "from gimplib.book.params import check_notebook_parameters\n\n"
+                f"check_notebook_parameters(globals(), {defaults!r}, {stem!r})",
+                tags=["remove-cell"],
+            ))
+    return out
+
+
 def write(name: str, cells: list) -> Path:
-    nb = new_notebook(cells=cells)
+    nb = new_notebook(cells=parameter_check(cells, name))
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
     for cell in nb.cells:  # stable ids keep diffs small

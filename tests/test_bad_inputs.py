@@ -555,6 +555,27 @@ def test_papermill_f_reads_the_files_the_runner_writes(tiny, tmp_path):
     assert f"data_dir = \"{tiny}\"" in "".join(injected[0]["source"])
 
 
+def test_papermill_p_is_type_checked_for_every_parameter(tiny, tmp_path):
+    """A direct `papermill -p` with a wrong type stops in the notebook's hidden check cell,
+    before the set-up cell writes anything, with the runner's message."""
+    out = tmp_path / "02.ipynb"
+    run = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "02_genes.ipynb"), str(out),
+                          "-p", "data_dir", str(tiny), "-p", "workdir", str(tmp_path / "work"),
+                          "-p", "fragment_size", "big", "-p", "clip", "high"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    text = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "02_genes: parameter fragment_size = 'big' (str), expected an integer like its default" in text
+    assert "parameter clip = 'high' (str), expected a number like its default; e.g. -p clip=5.0" in text
+    assert not (tmp_path / "work").exists()  # nothing written
+
+    from gimplib.book.params import check_notebook_parameters
+
+    namespace = {"lr": "1e-4", "num_epochs": "3", "seeds": [0, 1]}
+    check_notebook_parameters(namespace, {"lr": 3e-4, "num_epochs": 15, "seeds": [0]}, "02_genes")
+    assert namespace == {"lr": 1e-4, "num_epochs": 3, "seeds": [0, 1]}  # safe conversions done in place
+
+
 def test_rerun_line_names_data_dir_workdir_and_overrides():
     from gimplib.book.runner import _rerun_command
 

@@ -239,3 +239,28 @@ def toc_notebooks(toc: str | os.PathLike) -> list[str]:
 def stage_notebooks(notebooks_dir: str | os.PathLike) -> list[Path]:
     """The committed stage notebooks ``NN_*.ipynb``, in order."""
     return sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if STAGE_PATTERN.match(p.stem))
+
+
+def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
+    """Type-check a notebook's parameters inside the notebook, after papermill injected them.
+
+    The stage notebooks call this in a hidden cell right after their ``parameters`` cell (and
+    papermill's injected one), so that ``papermill nb.ipynb out.ipynb -p num_epochs three``
+    stops at once with the same message the book runner gives, before anything is written.
+    Values that are safe to convert (``"3"`` for an int, ``"1e-4"`` for a float) are converted
+    in ``namespace``.
+
+    Args:
+        namespace: the notebook's globals.
+        defaults: name -> the value the parameters cell declares.
+        where: the notebook, for the messages.
+
+    Raises:
+        ValueError: one message per bad value (:func:`check_parameter_types`).
+    """
+    declared = {name: {"default": repr(value)} for name, value in defaults.items()}
+    values = {name: namespace[name] for name in defaults if name in namespace}
+    converted, problems = check_parameter_types(values, declared, where)
+    if problems:
+        raise ValueError("; ".join(problems))
+    namespace.update(converted)
