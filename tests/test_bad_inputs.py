@@ -676,3 +676,15 @@ def test_runner_reuses_with_a_date_then_stops_when_the_genes_change(tiny, tmp_pa
     logs = captured.err + captured.out
     assert "without encryption" not in logs and "IProgress not found" not in logs
     assert "KeyboardInterrupt caught in kernel" not in logs
+
+
+@pytest.mark.notebooks
+def test_runner_streams_training_bars_to_the_terminal_not_into_the_book(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "gimplib.book", "--params", "smoke", "--only", "01,02", "--no-build",
+                          "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"genes \d+/\d+:", run.stderr)  # the epochs advance on the terminal
+    nb = json.loads((tmp_path / "out" / "_build" / "site" / "notebooks" / "02_genes.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+    assert "it/s" not in text and "genes 1/" not in text  # and no bar text reaches the book

@@ -450,3 +450,21 @@ def test_paper_scale_window_trains_one_step(tmp_path):
     assert math.isfinite(row["train_loss"]) and row["train_loss_tri"] > 0 and row["train_loss_rec"] > 0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert peak_gib < 8, f"peak RSS {peak_gib:.2f} GiB"
+
+
+def test_terminal_progress_draws_bars_on_the_real_stderr_only(tmp_path, monkeypatch, capfd):
+    """The book runner sets GIMPLIB_TERMINAL_PROGRESS for its kernels: with progress off (so the
+    notebook, and the book, show no bar text) the epochs still advance on the terminal's stderr."""
+    import sys
+
+    from gimplib.train.engine import TERMINAL_PROGRESS
+
+    monkeypatch.setenv(TERMINAL_PROGRESS, "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # as in the runner's kernels
+    monkeypatch.setattr(sys, "stderr", __import__("io").StringIO())  # what a notebook cell would capture
+    _fit(tmp_path / "on", num_epochs=2, desc="toy")
+    assert sys.stderr.getvalue() == ""  # nothing in the notebook's output
+    assert "toy 2/2" in capfd.readouterr().err  # the bar went to the process's own stderr
+    monkeypatch.delenv(TERMINAL_PROGRESS)
+    _fit(tmp_path / "off", num_epochs=2, desc="toy")
+    assert "toy" not in capfd.readouterr().err

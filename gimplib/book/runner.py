@@ -51,10 +51,17 @@ KERNEL_ENV = {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore:IProgress not found
 
 
 @contextlib.contextmanager
-def kernel_environment() -> Iterator[None]:
-    """Set :data:`KERNEL_ENV` for the kernels started inside (a value already set wins)."""
-    saved = {key: os.environ.get(key) for key in KERNEL_ENV}
-    for key, value in KERNEL_ENV.items():
+def kernel_environment(progress: bool = False) -> Iterator[None]:
+    """Set :data:`KERNEL_ENV` for the kernels started inside (a value already set wins).
+
+    With ``progress`` the kernels also draw their training bars on the terminal's stderr
+    (:data:`gimplib.train.engine.TERMINAL_PROGRESS`), not into the notebook.
+    """
+    from gimplib.train.engine import TERMINAL_PROGRESS
+
+    env = {**KERNEL_ENV, TERMINAL_PROGRESS: "1"} if progress else dict(KERNEL_ENV)
+    saved = {key: os.environ.get(key) for key in env}
+    for key, value in env.items():
         if key == "PYTHONWARNINGS" and os.environ.get(key):
             os.environ[key] = f"{os.environ[key]},{value}"
         else:
@@ -292,7 +299,7 @@ def run_book(
             text, synthetic = describe_data(parameters)
             print(f"[{nb.stem}] executing with '{param_set.name}' parameters ...", flush=True)
             try:
-                with kernel_environment():
+                with kernel_environment(progress):
                     took = execute_notebook(
                         nb, site / "notebooks" / nb.name, parameters,
                         cwd=work, failed_dir=build_dir / "failed", log_output=log_output, progress=progress,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm as terminal_tqdm
 from tqdm.auto import tqdm
 
 from gimplib.train.checkpoint import (
@@ -204,6 +205,41 @@ def _is_better(metrics: Mapping[str, float], best: Mapping[str, Any] | None, sel
     return score == best["score"] and math.isfinite(loss) and math.isfinite(best_loss) and loss < best_loss
 
 
+#: Set to "1" (the book runner does, for the kernels it starts) to draw the training bars on
+#: the process's own stderr (the terminal that started the runner) when ``progress`` is off:
+#: the user sees each epoch advance, while the executed notebook, and so the book, stays free
+#: of carriage-return bar text.
+TERMINAL_PROGRESS = "GIMPLIB_TERMINAL_PROGRESS"
+
+
+_TERMINAL: list = []
+
+
+def _terminal_stream() -> Any:
+    """The terminal's stderr, past a Jupyter kernel's capture: ipykernel forwards fd 2 into the
+    notebook, but its ``sys.stderr.fileno()`` is a copy of the original stream (plain Python:
+    fd 2 itself). Opened once per process."""
+    import io
+    import sys
+
+    if not _TERMINAL:
+        try:
+            _TERMINAL.append(os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1))
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            _TERMINAL.append(sys.__stderr__)
+    return _TERMINAL[0]
+
+
+def _progress(loader: Iterable, desc: str, show: bool, *, terminal: bool) -> Iterable:
+    """The epoch's batches wrapped in a bar: in the notebook/terminal (``show``), else on the
+    terminal's own stderr when ``terminal``, else none."""
+    if show:
+        return tqdm(loader, desc=desc, leave=False)
+    stream = _terminal_stream() if terminal else None
+    if stream is not None:
+        return terminal_tqdm(loader, desc=desc, leave=False, disable=False, file=stream, mininterval=1.0)
+    return loader
+
 def fit(
     model: nn.Module,
     train_data: Dataset,
@@ -334,8 +370,8 @@ def fit(
         )
         train_model.train()
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{num_epochs}", disable=not (progress and info.is_main),
-                   leave=False)
+        bar = _progress(loader, f"{desc} {epoch + 1}/{num_epochs}", progress and info.is_main,
+                        terminal=info.is_main and os.environ.get(TERMINAL_PROGRESS) == "1")
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
             group_start = (i // accumulate) * accumulate
@@ -366,9 +402,10 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if progress and info.is_main:
-                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}")
-        bar.close()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", refresh=False)
+        if hasattr(bar, "close"):
+            bar.close()
 
         means = torch.tensor([sums[k] / n_batches for k in sorted(sums)], dtype=torch.float64)
         if info.distributed:
