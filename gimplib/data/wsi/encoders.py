@@ -190,8 +190,10 @@ class TimmPatchEncoder(nn.Module):
         return out
 
 
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` / ``.bin`` / ``.pth`` (``weights_only``); wrappers and prefixes removed."""
+def load_weights_file(path: str | os.PathLike, *, prefixes: tuple[str, ...] = ("module.", "backbone.")
+                      ) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` / ``.bin`` / ``.pth`` (``weights_only``); the wrappers
+    ``state_dict`` / ``model`` / ``teacher`` and the key ``prefixes`` (in that order) removed."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -209,7 +211,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise DataError(f"weights {path}: holds a {type(obj).__name__}; expected a state dict")
     out = {}
     for key, value in obj.items():
-        for prefix in ("module.", "backbone."):
+        for prefix in prefixes:
             key = key.removeprefix(prefix)
         out[key] = value
     return out

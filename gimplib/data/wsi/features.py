@@ -91,23 +91,11 @@ def default_weights_path() -> Path:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"weights {path}: cannot be read as a torch state dict ({err})") from err
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise DataError(f"weights {path}: holds a {type(obj).__name__}; expected a ResNet50 state dict")
-    out = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "model.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if key.split(".", 1)[0] in TRUNK:
-            out[key] = value
-    return out
+    """The ResNet50 trunk's weights in ``path`` (wrappers and ``module.``/``model.``/``backbone.`` removed)."""
+    from gimplib.data.wsi.encoders import load_weights_file
+
+    state = load_weights_file(path, prefixes=("module.", "model.", "backbone."))
+    return {key: value for key, value in state.items() if key.split(".", 1)[0] in TRUNK}
 
 
 def weights_description(*, weights: str | os.PathLike | None = None, random_weights: bool = False, seed: int = 0) -> str:
