@@ -19,6 +19,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def svs(shared_data: Path) -> Path:
+    """The real Aperio slide region CMU-1-Small-Region.svs (skips when it is absent)."""
+    path = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread per test: the tiny models here run fastest on one, and the

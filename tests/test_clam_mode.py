@@ -58,14 +58,6 @@ def run_params(name: str) -> ClamParams:
 
 
 @pytest.fixture(scope="module")
-def svs(shared_data: Path) -> Path:
-    path = shared_data / "wsi" / "CMU-1-Small-Region.svs"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiff(tmp_path_factory) -> Path:
     path = write_clam_test_tiff(tmp_path_factory.mktemp("clam") / "clam_pyramid.tif")
     slide = open_slide(path)

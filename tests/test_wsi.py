@@ -47,14 +47,6 @@ PINK = (200, 100, 180)
 
 
 @pytest.fixture(scope="module")
-def svs(shared_data: Path) -> Path:
-    path = shared_data / "wsi" / "CMU-1-Small-Region.svs"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
-@pytest.fixture(scope="module")
 def cmu_tissue(svs: Path):
     slide = open_slide(svs)
     try:
