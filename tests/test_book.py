@@ -70,6 +70,44 @@ def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(stem)
     )
 
 
+@pytest.mark.parametrize("stem", STAGES)
+def test_notebook_is_its_own_source_and_its_shared_parts_agree(stem):
+    """The committed .ipynb is the one source of each stage (no generator); what the stages
+    share is checked here instead: the hidden type check repeats the parameters cell's defaults,
+    and the common parameters have the same defaults in every stage."""
+    path = NOTEBOOKS / f"{stem}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    check = nb.cells[index + 1]
+    fix = f"run: python -c \"from gimplib.book.params import sync_parameter_check as s; s('notebooks/{stem}.ipynb')\""
+    assert "remove-cell" in check.get("metadata", {}).get("tags", []), f"{path.name}: no hidden parameter check after the parameters cell; {fix}"
+    assert check.source == book.params.parameter_check_source(nb, stem), (
+        f"{path.name}: the hidden parameter check does not repeat the parameters cell's defaults; {fix}")
+    first = book.declared_parameters(NOTEBOOKS / f"{STAGES[0]}.ipynb")
+    declared = book.declared_parameters(path)
+    for name in book.params.COMMON_PARAMETERS:
+        assert name in declared, f"{path.name}: the parameters cell does not declare the common {name!r}"
+        assert declared[name]["default"] == first[name]["default"], (
+            f"{path.name}: {name} defaults to {declared[name]['default']} but {STAGES[0]} says {first[name]['default']}")
+    assert not (ROOT / "dev" / "make_notebooks.py").exists(), "the notebooks are their own source: no generator"
+
+
+def test_sync_parameter_check_rewrites_a_stale_check(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("a = 1\nb = 'x'")])
+    nb.cells[1].metadata["tags"] = ["parameters"]
+    path = tmp_path / "01_t.ipynb"
+    path.write_text(nbformat.writes(nb))
+    assert book.params.sync_parameter_check(path) is True
+    assert book.params.sync_parameter_check(path) is False
+    nb = nbformat.read(path, as_version=4)
+    assert "check_notebook_parameters(globals(), {'a': 1, 'b': 'x'}, '01_t')" in nb.cells[2].source
+    nb.cells[1].source = "a = 2\nb = 'x'"
+    path.write_text(nbformat.writes(nb))
+    assert book.params.sync_parameter_check(path) is True
+    nb = nbformat.read(path, as_version=4)
+    assert len(nb.cells) == 3 and "{'a': 2, 'b': 'x'}" in nb.cells[2].source
+
+
 def _pyobjects(text: str):
     """(relative file, object) of every literalinclude with a :pyobject: option."""
     pattern = re.compile(r"```\{literalinclude\}\s+(\S+)\s*\n((?::[^\n]*\n)*)")

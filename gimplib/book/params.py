@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import nbformat
 import yaml
 
 __all__ = [
     "ParamError",
+    "COMMON_PARAMETERS",
     "ParamSet",
     "STAGE_PATTERN",
     "check_param_set",
@@ -25,7 +27,9 @@ __all__ = [
     "declared_parameters",
     "load_param_set",
     "notebook_parameters",
+    "parameter_check_source",
     "stage_notebooks",
+    "sync_parameter_check",
     "toc_notebooks",
 ]
 
@@ -239,6 +243,50 @@ def toc_notebooks(toc: str | os.PathLike) -> list[str]:
 def stage_notebooks(notebooks_dir: str | os.PathLike) -> list[Path]:
     """The committed stage notebooks ``NN_*.ipynb``, in order."""
     return sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if STAGE_PATTERN.match(p.stem))
+
+
+#: The parameters every stage notebook declares, with the same default in each (tested).
+COMMON_PARAMETERS = ("workdir", "data_dir", "profile", "seed", "device", "overwrite", "drop_incomplete", "progress")
+
+CHECK_TAG = "remove-cell"
+
+
+def parameter_check_source(notebook: nbformat.NotebookNode, stem: str) -> str:
+    """The source of the hidden cell that type-checks a notebook's parameters.
+
+    It repeats the defaults of the notebook's ``parameters`` cell (the kernel cannot read its
+    own notebook file); :func:`sync_parameter_check` rewrites it after the parameters change, and
+    ``tests/test_book.py`` fails when the two disagree.
+    """
+    cell = next(c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    defaults: dict[str, Any] = {}
+    exec(cell.source, {}, defaults)  # plain `name = literal` lines
+    return ("from gimplib.book.params import check_notebook_parameters\n\n"
+            f"check_notebook_parameters(globals(), {defaults!r}, {stem!r})")
+
+
+def sync_parameter_check(path: str | os.PathLike) -> bool:
+    """Rewrite the hidden check cell after a notebook's ``parameters`` cell; True if it changed.
+
+    Run it after editing a parameters cell::
+
+        python -c "from gimplib.book.params import sync_parameter_check as s; s('notebooks/03_mpm.ipynb')"
+    """
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    want = parameter_check_source(nb, path.stem)
+    nxt = nb.cells[index + 1] if index + 1 < len(nb.cells) else None
+    if nxt is not None and CHECK_TAG in nxt.get("metadata", {}).get("tags", []) and "check_notebook_parameters" in nxt.source:
+        if nxt.source == want:
+            return False
+        nxt.source = want
+    else:
+        cell = nbformat.v4.new_code_cell(want)
+        cell.metadata["tags"] = [CHECK_TAG]
+        nb.cells.insert(index + 1, cell)
+    path.write_text(nbformat.writes(nb) + "\n")
+    return True
 
 
 def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
