@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import beta, rankdata
 
-__all__ = ["classification_metrics", "binary_auc", "mean_sd", "CI_METRICS"]
+__all__ = ["classification_metrics", "binary_auc", "clopper_pearson", "mean_sd", "CI_METRICS"]
 
 #: metrics that get a bootstrap interval (``<name>_ci_low``, ``<name>_ci_high``)
 CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
@@ -146,3 +146,36 @@ def mean_sd(values: np.ndarray | list[float]) -> tuple[float, float]:
     if v.size == 0:
         return float("nan"), float("nan")
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def clopper_pearson(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) binomial interval for ``k`` successes in ``n`` trials.
+
+    The interval a percentile bootstrap cannot give when every case is right (or wrong):
+    resampling 32 of 32 correct patients always gives 1.0, so the bootstrap says
+    [1.000, 1.000], while 32/32 is compatible with a true accuracy of 0.89 (exact 95 %
+    interval [0.891, 1.000]). Its coverage is at least ``1 - alpha`` for every true rate.
+
+    Args:
+        k: successes (e.g. correctly classified patients), ``0 <= k <= n``.
+        n: trials (test patients), ``n >= 1``.
+        alpha: 1 - coverage (0.05 gives a 95 % interval).
+
+    Returns:
+        ``(low, high)``: ``low = Beta(alpha/2; k, n-k+1)`` quantile (0 when ``k = 0``),
+        ``high = Beta(1-alpha/2; k+1, n-k)`` quantile (1 when ``k = n``).
+
+    Raises:
+        ValueError: ``n < 1``, ``k`` outside ``[0, n]``, a non-integer count, or ``alpha``
+            outside (0, 1).
+    """
+    if not (float(k).is_integer() and float(n).is_integer()):
+        raise ValueError(f"clopper_pearson needs whole counts, got k={k}, n={n}")
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high

@@ -32,10 +32,12 @@ __all__ = [
     "plot_learning_curves",
     "plot_reconstructions",
     "plot_roc",
+    "plot_seed_accuracies",
     "plot_tissue_maps",
     "plot_tsne_panels",
     "save_figure",
     "tsne_2d",
+    "use_book_figures",
 ]
 
 #: Class colours shared by every figure (LUAD, LUSC, then a seaborn palette).
@@ -596,6 +598,88 @@ def plot_gene_attributions(
     ax.legend(fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
     return fig
+
+
+def plot_seed_accuracies(
+    runs: pd.DataFrame,
+    *,
+    paper: Mapping[str, float] | None = None,
+    n_test: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Test accuracy of every seed as a point, one row per system, the paper's value marked.
+
+    A table's "mean +- sd" over two or three seeds hides how far apart the runs are; the
+    points show it. Beside each row, when ``n_test`` is given, a grey bar is the exact
+    (Clopper-Pearson) 95 % interval of one run at the row's median accuracy: the
+    uncertainty that the test set alone leaves, whatever the seeds do.
+
+    Args:
+        runs: one row per run with columns ``system`` (row label, drawn top to bottom in
+            order of first appearance) and ``accuracy`` (optionally ``seed``).
+        paper: the paper's accuracy per system label (drawn as a red diamond; rows missing
+            here get none).
+        n_test: test patients per run (for the interval and the "one patient" note).
+        title: figure title.
+
+    Raises:
+        ValueError: ``runs`` lacks a column or holds no run.
+    """
+    from gimplib.metrics import clopper_pearson
+
+    missing = {"system", "accuracy"} - set(runs.columns)
+    if missing:
+        raise ValueError(f"runs needs the columns system and accuracy; missing {sorted(missing)}")
+    runs = runs.dropna(subset=["accuracy"])
+    if runs.empty:
+        raise ValueError("runs holds no run with an accuracy")
+    systems = list(dict.fromkeys(runs["system"]))
+    paper = dict(paper or {})
+    fig, axes = _figure(1, 1, size=(7.0, 0.32 * len(systems) + 1.0))
+    ax = axes[0, 0]
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(systems):
+        acc = runs.loc[runs["system"] == name, "accuracy"].to_numpy(dtype=float)
+        if n_test:
+            low, high = clopper_pearson(round(float(np.median(acc)) * n_test), n_test)
+            ax.plot([low, high], [i, i], color="0.8", lw=5, solid_capstyle="butt", zorder=1,
+                    label="exact 95 % interval, one run" if i == 0 else None)
+        ax.scatter(acc, i + rng.uniform(-0.12, 0.12, len(acc)), s=16, color=PALETTE[0], zorder=3,
+                   label="one seed" if i == 0 else None)
+        ax.plot([acc.mean()] * 2, [i - 0.3, i + 0.3], color=PALETTE[0], lw=1.5, zorder=2,
+                label="mean over seeds" if i == 0 else None)
+        if name in paper:
+            ax.scatter([paper[name]], [i], marker="D", s=22, color="#c0392b", zorder=4,
+                       label="paper (TCGA)" if not any(t.get_label() == "paper (TCGA)" for t in ax.collections) else None)
+    ax.set_yticks(range(len(systems)), systems, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy" + (f" (one patient = {100 / n_test:.1f} points)" if n_test else ""))
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def use_book_figures(fmt: str = "retina") -> None:
+    """Set the inline figure format of a running IPython kernel once (the book's notebooks).
+
+    ``"retina"`` (default) renders PNGs at twice the resolution, shown at their nominal
+    size; ``"svg"`` gives vector figures (sharp at any width, heavy for t-SNE scatter
+    plots). Outside IPython this does nothing.
+
+    Args:
+        fmt: ``"retina"``, ``"svg"`` or ``"png"``.
+    """
+    if fmt not in ("retina", "svg", "png"):
+        raise ValueError(f"fmt must be 'retina', 'svg' or 'png', got {fmt!r}")
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats(fmt)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 130) -> Path:

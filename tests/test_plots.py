@@ -182,3 +182,28 @@ def test_save_figure(tmp_path):
     fig = plots.plot_confusion([[1, 0], [0, 1]], ["a", "b"])
     out = plots.save_figure(fig, tmp_path / "sub" / "cm.png")
     assert out.stat().st_size > 1000
+
+
+def test_seed_accuracies_points_paper_and_interval():
+    runs = pd.DataFrame({"system": ["ABMIL"] * 3 + ["GiMP"] * 3, "seed": [0, 1, 2] * 2,
+                         "accuracy": [0.8125, 0.75, 0.59375, 1.0, 1.0, 0.96875]})
+    fig = plots.plot_seed_accuracies(runs, paper={"GiMP": 0.9947, "ABMIL": 0.7737}, n_test=32, title="seeds")
+    assert _not_blank(fig)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ABMIL", "GiMP"]  # order kept, not sorted
+    assert "one patient = 3.1 points" in ax.get_xlabel()
+    labels = [h.get_label() for h in ax.get_legend_handles_labels()[0]]
+    assert labels.count("paper (TCGA)") == 1 and "one seed" in labels
+    # six seeds drawn as points, two paper diamonds
+    offsets = [c.get_offsets() for c in ax.collections]
+    assert sum(len(o) for o in offsets) == 6 + 2
+    with pytest.raises(ValueError, match="missing"):
+        plots.plot_seed_accuracies(pd.DataFrame({"accuracy": [1.0]}))
+    with pytest.raises(ValueError, match="no run"):
+        plots.plot_seed_accuracies(pd.DataFrame({"system": ["a"], "accuracy": [np.nan]}))
+
+
+def test_use_book_figures_outside_ipython_is_a_no_op():
+    plots.use_book_figures("svg")
+    with pytest.raises(ValueError, match="retina"):
+        plots.use_book_figures("jpeg")
