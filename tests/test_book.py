@@ -369,3 +369,38 @@ def test_equations_render_from_the_site_itself(smoke_book, tmp_path):
                     (html / "book" / "method.html").as_uri())
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<mjx-container") >= 4, "MathJax did not typeset the method page's equations"
+
+
+# ------------------------------------------------------------------------ the GiMP figure
+
+
+def test_gimp_figure_regenerates_and_matches_the_committed_svg(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    import matplotlib
+
+    from gimplib.book import figure
+
+    committed = ROOT / figure.FIGURE_PATH
+    assert committed.is_file(), f"{committed} missing: run python -m gimplib.book.figure"
+    out = figure.write_gimp_figure(tmp_path / "gimp.svg")
+    text = out.read_text()
+    assert text == figure.svg_text(), "drawing the figure twice gave different SVG"
+    root = ET.fromstring(text)
+    assert root.tag.endswith("svg") and float(root.get("width").removesuffix("pt")) > 400
+    assert figure.main(["--out", str(tmp_path / "cli.svg")]) == 0 and (tmp_path / "cli.svg").read_text() == text
+    # the committed file is this code's drawing (compared where the same matplotlib drew it)
+    made_by = re.search(r"gimplib\.book\.figure \(matplotlib ([^)]+)\)", committed.read_text())
+    assert made_by, f"{committed} was not written by gimplib.book.figure"
+    if made_by.group(1) == matplotlib.__version__:
+        assert committed.read_text() == text, f"{committed} is stale: run python -m gimplib.book.figure"
+
+
+def test_gimp_figure_is_on_the_architecture_and_intro_pages():
+    arch = (ROOT / "book" / "architecture.md").read_text()
+    intro = (ROOT / "book" / "intro.md").read_text()
+    for page, text in (("architecture.md", arch), ("intro.md", intro)):
+        assert "figures/gimp.svg" in text, f"{page} does not show the GiMP figure"
+        assert ":alt:" in text[text.index("figures/gimp.svg"):][:600], f"{page}: the GiMP figure has no alt text"
+    assert ":name: fig-gimp" in arch and "{numref}`fig-gimp`" in arch and "{numref}`fig-gimp`" in intro
+    assert "```text" not in arch.split("## Tensor shapes")[0], "the ASCII drawing is back on the architecture page"
