@@ -506,8 +506,9 @@ def test_every_page_renders_at_1280px_without_mathjax_errors(rendered_pages):
 
 @pytest.mark.notebooks
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(reason="issue 17: wide DataFrame outputs (02, 05, 07) and notebook 03's long display equation "
-                          "still need sideways scrolling; the notebook restructure fixes them", strict=False)
+@pytest.mark.xfail(reason="issue 17: the display equations of notebooks 02 and 03 (restated instead of cited with "
+                          "{eq}) and 05's wide DataFrame still need sideways scrolling at 1280 px; the notebook "
+                          "restructure fixes them", strict=False)
 def test_notebook_pages_render_at_1280px_without_clipping(rendered_pages):
     clipped = [line for r in rendered_pages if r.page.startswith("notebooks/") for line in r.problems()]
     assert not clipped, "content clipped at 1280 px:\n" + "\n".join(clipped)

@@ -229,11 +229,17 @@ def check_page(chromium: str, page: Path, *, site: Path, width: int = 1280, scre
 
 
 def site_pages(site: Path) -> list[Path]:
-    """Every page of a built book (no search, index or temporary pages)."""
-    skip = {"search.html", "genindex.html", "py-modindex.html"}
-    return sorted(p for p in Path(site).rglob("*.html")
-                  if p.name not in skip and not p.name.startswith(_PROBE_PREFIX)
-                  and not any(part.startswith("_") for part in p.relative_to(site).parts[:-1]))
+    """Every page of a built book (no search page, redirects or temporary pages)."""
+    skip = {"search.html", "py-modindex.html"}
+    pages = []
+    for p in sorted(Path(site).rglob("*.html")):
+        if p.name in skip or p.name.startswith(_PROBE_PREFIX) or \
+                any(part.startswith("_") for part in p.relative_to(site).parts[:-1]):
+            continue
+        if 'http-equiv="refresh"' in p.read_text(encoding="utf-8", errors="replace")[:2000].lower():
+            continue  # the root index.html only redirects to the first page
+        pages.append(p)
+    return pages
 
 
 def check_site(site: str | Path, *, out: str | Path | None = None, width: int = 1280, chromium: str | None = None,
