@@ -24,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 __all__ = [
     "embedding_scores",
+    "plot_attention_tumour_auc",
     "plot_attention_map",
     "plot_bag_sizes",
     "plot_confusion",
@@ -658,6 +659,52 @@ def plot_seed_accuracies(
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_attention_tumour_auc(
+    records: pd.DataFrame | Sequence[Mapping[str, float]],
+    *,
+    label: Mapping[str, str] | None = None,
+    title: str = "Attention vs the known tumour patches (synthetic cohort)",
+) -> Figure:
+    """Per slide, the AUC of the attention scores for its tumour patches, against its tumour share.
+
+    Only a synthetic cohort knows which patches are tumour
+    (:func:`gimplib.data.synthetic.tumour_masks`); 0.5 (dashed) is attention unrelated to
+    the tumour, 1.0 every tumour patch above every other patch.
+
+    Args:
+        records: :func:`gimplib.metrics.attention_tumour_aucs` output (``slide_id``,
+            ``tumour_fraction``, ``auc``), as records or a DataFrame.
+        label: optional class name per ``slide_id`` (points coloured by class).
+        title: figure title.
+
+    Raises:
+        ValueError: no slide with a defined AUC.
+    """
+    frame = pd.DataFrame(records)
+    missing = {"slide_id", "tumour_fraction", "auc"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"records need slide_id, tumour_fraction and auc; missing {sorted(missing)}")
+    frame = frame.dropna(subset=["auc"])
+    if frame.empty:
+        raise ValueError("no slide with a defined attention-vs-tumour AUC (every slide all tumour or none)")
+    fig, axes = _figure(1, 1, size=(6.0, 3.4))
+    ax = axes[0, 0]
+    classes = frame["slide_id"].map(label) if label else pd.Series(["slides"] * len(frame), index=frame.index)
+    for i, (name, sub) in enumerate(frame.groupby(classes, sort=True)):
+        ax.scatter(100 * sub["tumour_fraction"], sub["auc"], s=14, alpha=0.8, color=PALETTE[i % len(PALETTE)],
+                   label=f"{name} (n = {len(sub)})")
+    median = float(frame["auc"].median())
+    ax.axhline(0.5, ls="--", color="0.5", lw=1, label="chance (0.5)")
+    ax.axhline(median, color="0.2", lw=1, label=f"median {median:.2f}")
+    ax.set_xlabel("tumour patches in the slide (%)")
+    ax.set_ylabel("AUC of attention for tumour")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
     return fig
 
 

@@ -207,3 +207,16 @@ def test_use_book_figures_outside_ipython_is_a_no_op():
     plots.use_book_figures("svg")
     with pytest.raises(ValueError, match="retina"):
         plots.use_book_figures("jpeg")
+
+
+def test_attention_tumour_auc_figure():
+    records = [dict(slide_id="a", tumour_fraction=0.1, auc=0.9), dict(slide_id="b", tumour_fraction=0.3, auc=0.7),
+               dict(slide_id="c", tumour_fraction=1.0, auc=float("nan"))]
+    fig = plots.plot_attention_tumour_auc(records, label={"a": "LUAD", "b": "LUSC", "c": "LUSC"})
+    assert _not_blank(fig)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "LUAD (n = 1)" in labels and "LUSC (n = 1)" in labels and "median 0.80" in labels
+    with pytest.raises(ValueError, match="no slide"):
+        plots.plot_attention_tumour_auc([dict(slide_id="c", tumour_fraction=1.0, auc=float("nan"))])
+    with pytest.raises(ValueError, match="missing"):
+        plots.plot_attention_tumour_auc([dict(slide_id="c")])
