@@ -331,8 +331,14 @@ def plot_learning_curves(
     keys = [k for k in keys if k in groups]
     if not keys:
         raise ValueError(f"no metric columns to plot in {list(frame.columns)}")
-    fig, axes = _figure(1, len(keys), size=(3.4, 3.0))
-    for ax, key in zip(axes[0], keys):
+    # at most two panels per row: the figure is shown at the book's column width (about 7
+    # inches), where a row of four 3.4-inch panels would shrink its text to a few pixels
+    ncols = min(2, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = _figure(nrows, ncols, size=(3.6, 2.8))
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_axis_off()
+    for ax, key in zip(axes.flat, keys):
         for split, col in groups[key].items():
             sub = frame[[x, col]].dropna()
             ax.plot(sub[x], sub[col], marker="o", ms=2.5, label=split or col)
@@ -526,16 +532,19 @@ def plot_tsne_panels(
     *,
     label_names: Sequence[str] | None = None,
     seed: int = 0,
-    ncols: int = 4,
+    ncols: int = 2,
     scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Figure:
     """Fig. 2 style: one t-SNE panel per model, points coloured by class, scores in the title.
+
+    Two panels per row by default (the paper's four panels as 2 x 2), so that each panel is
+    half the book's column wide rather than a quarter.
 
     Args:
         panels: model name -> (emb (n, e), y (n,)).
         label_names: class names indexed by y.
         seed: t-SNE seed (the same for every panel).
-        ncols: panels per row.
+        ncols: panels per row (2).
         scores: model name -> precomputed :func:`embedding_scores`; computed here when absent.
     """
     if not panels:

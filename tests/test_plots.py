@@ -220,3 +220,12 @@ def test_attention_tumour_auc_figure():
         plots.plot_attention_tumour_auc([dict(slide_id="c", tumour_fraction=1.0, auc=float("nan"))])
     with pytest.raises(ValueError, match="missing"):
         plots.plot_attention_tumour_auc([dict(slide_id="c")])
+
+
+def test_tsne_four_panels_are_two_by_two(rng):
+    y = np.repeat([0, 1], 15)
+    panels = {name: (rng.normal(size=(30, 4)) + y[:, None], y) for name in ("GiMP", "no genes", "BioViL", "MGCA")}
+    fig = plots.plot_tsne_panels(panels, label_names=["LUAD", "LUSC"])
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    rows = {round(ax.get_position().y0, 2) for ax in shown}
+    assert len(shown) == 4 and len(rows) == 2

@@ -123,6 +123,7 @@ class PageReport:
         scrolled: boxes inside the column whose content is wider than the box.
         math_errors: text of every MathJax error element.
         formulas: typeset formulas (``mjx-container`` elements).
+        page_height: the page's full height in CSS pixels (the screenshot's, up to a cap).
         screenshot: the PNG written, or None.
         error: why the page could not be measured (Chromium failed), else None.
     """
