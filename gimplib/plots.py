@@ -24,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 __all__ = [
     "embedding_scores",
+    "plot_attention_tumour_auc",
     "plot_attention_map",
     "plot_bag_sizes",
     "plot_confusion",
@@ -32,10 +33,12 @@ __all__ = [
     "plot_learning_curves",
     "plot_reconstructions",
     "plot_roc",
+    "plot_seed_accuracies",
     "plot_tissue_maps",
     "plot_tsne_panels",
     "save_figure",
     "tsne_2d",
+    "use_book_figures",
 ]
 
 #: Class colours shared by every figure (LUAD, LUSC, then a seaborn palette).
@@ -328,8 +331,14 @@ def plot_learning_curves(
     keys = [k for k in keys if k in groups]
     if not keys:
         raise ValueError(f"no metric columns to plot in {list(frame.columns)}")
-    fig, axes = _figure(1, len(keys), size=(3.4, 3.0))
-    for ax, key in zip(axes[0], keys):
+    # at most two panels per row: the figure is shown at the book's column width (about 7
+    # inches), where a row of four 3.4-inch panels would shrink its text to a few pixels
+    ncols = min(2, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = _figure(nrows, ncols, size=(3.6, 2.8))
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_axis_off()
+    for ax, key in zip(axes.flat, keys):
         for split, col in groups[key].items():
             sub = frame[[x, col]].dropna()
             ax.plot(sub[x], sub[col], marker="o", ms=2.5, label=split or col)
@@ -523,16 +532,19 @@ def plot_tsne_panels(
     *,
     label_names: Sequence[str] | None = None,
     seed: int = 0,
-    ncols: int = 4,
+    ncols: int = 2,
     scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Figure:
     """Fig. 2 style: one t-SNE panel per model, points coloured by class, scores in the title.
+
+    Two panels per row by default (the paper's four panels as 2 x 2), so that each panel is
+    half the book's column wide rather than a quarter.
 
     Args:
         panels: model name -> (emb (n, e), y (n,)).
         label_names: class names indexed by y.
         seed: t-SNE seed (the same for every panel).
-        ncols: panels per row.
+        ncols: panels per row (2).
         scores: model name -> precomputed :func:`embedding_scores`; computed here when absent.
     """
     if not panels:
@@ -596,6 +608,134 @@ def plot_gene_attributions(
     ax.legend(fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
     return fig
+
+
+def plot_seed_accuracies(
+    runs: pd.DataFrame,
+    *,
+    paper: Mapping[str, float] | None = None,
+    n_test: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Test accuracy of every seed as a point, one row per system, the paper's value marked.
+
+    A table's "mean +- sd" over two or three seeds hides how far apart the runs are; the
+    points show it. Beside each row, when ``n_test`` is given, a grey bar is the exact
+    (Clopper-Pearson) 95 % interval of one run at the row's median accuracy: the
+    uncertainty that the test set alone leaves, whatever the seeds do.
+
+    Args:
+        runs: one row per run with columns ``system`` (row label, drawn top to bottom in
+            order of first appearance) and ``accuracy`` (optionally ``seed``).
+        paper: the paper's accuracy per system label (drawn as a red diamond; rows missing
+            here get none).
+        n_test: test patients per run (for the interval and the "one patient" note).
+        title: figure title.
+
+    Raises:
+        ValueError: ``runs`` lacks a column or holds no run.
+    """
+    from gimplib.metrics import clopper_pearson
+
+    missing = {"system", "accuracy"} - set(runs.columns)
+    if missing:
+        raise ValueError(f"runs needs the columns system and accuracy; missing {sorted(missing)}")
+    runs = runs.dropna(subset=["accuracy"])
+    if runs.empty:
+        raise ValueError("runs holds no run with an accuracy")
+    systems = list(dict.fromkeys(runs["system"]))
+    paper = dict(paper or {})
+    fig, axes = _figure(1, 1, size=(7.0, 0.32 * len(systems) + 1.0))
+    ax = axes[0, 0]
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(systems):
+        acc = runs.loc[runs["system"] == name, "accuracy"].to_numpy(dtype=float)
+        if n_test:
+            low, high = clopper_pearson(round(float(np.median(acc)) * n_test), n_test)
+            ax.plot([low, high], [i, i], color="0.8", lw=5, solid_capstyle="butt", zorder=1,
+                    label="exact 95 % interval, one run" if i == 0 else None)
+        ax.scatter(acc, i + rng.uniform(-0.12, 0.12, len(acc)), s=16, color=PALETTE[0], zorder=3,
+                   label="one seed" if i == 0 else None)
+        ax.plot([acc.mean()] * 2, [i - 0.3, i + 0.3], color=PALETTE[0], lw=1.5, zorder=2,
+                label="mean over seeds" if i == 0 else None)
+        if name in paper:
+            ax.scatter([paper[name]], [i], marker="D", s=22, color="#c0392b", zorder=4,
+                       label="paper (TCGA)" if not any(t.get_label() == "paper (TCGA)" for t in ax.collections) else None)
+    ax.set_yticks(range(len(systems)), systems, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy" + (f" (one patient = {100 / n_test:.1f} points)" if n_test else ""))
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_attention_tumour_auc(
+    records: pd.DataFrame | Sequence[Mapping[str, float]],
+    *,
+    label: Mapping[str, str] | None = None,
+    title: str = "Attention vs the known tumour patches (synthetic cohort)",
+) -> Figure:
+    """Per slide, the AUC of the attention scores for its tumour patches, against its tumour share.
+
+    Only a synthetic cohort knows which patches are tumour
+    (:func:`gimplib.data.synthetic.tumour_masks`); 0.5 (dashed) is attention unrelated to
+    the tumour, 1.0 every tumour patch above every other patch.
+
+    Args:
+        records: :func:`gimplib.metrics.attention_tumour_aucs` output (``slide_id``,
+            ``tumour_fraction``, ``auc``), as records or a DataFrame.
+        label: optional class name per ``slide_id`` (points coloured by class).
+        title: figure title.
+
+    Raises:
+        ValueError: no slide with a defined AUC.
+    """
+    frame = pd.DataFrame(records)
+    missing = {"slide_id", "tumour_fraction", "auc"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"records need slide_id, tumour_fraction and auc; missing {sorted(missing)}")
+    frame = frame.dropna(subset=["auc"])
+    if frame.empty:
+        raise ValueError("no slide with a defined attention-vs-tumour AUC (every slide all tumour or none)")
+    fig, axes = _figure(1, 1, size=(6.0, 3.4))
+    ax = axes[0, 0]
+    classes = frame["slide_id"].map(label) if label else pd.Series(["slides"] * len(frame), index=frame.index)
+    for i, (name, sub) in enumerate(frame.groupby(classes, sort=True)):
+        ax.scatter(100 * sub["tumour_fraction"], sub["auc"], s=14, alpha=0.8, color=PALETTE[i % len(PALETTE)],
+                   label=f"{name} (n = {len(sub)})")
+    median = float(frame["auc"].median())
+    ax.axhline(0.5, ls="--", color="0.5", lw=1, label="chance (0.5)")
+    ax.axhline(median, color="0.2", lw=1, label=f"median {median:.2f}")
+    ax.set_xlabel("tumour patches in the slide (%)")
+    ax.set_ylabel("AUC of attention for tumour")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def use_book_figures(fmt: str = "retina") -> None:
+    """Set the inline figure format of a running IPython kernel once (the book's notebooks).
+
+    ``"retina"`` (default) renders PNGs at twice the resolution, shown at their nominal
+    size; ``"svg"`` gives vector figures (sharp at any width, heavy for t-SNE scatter
+    plots). Outside IPython this does nothing.
+
+    Args:
+        fmt: ``"retina"``, ``"svg"`` or ``"png"``.
+    """
+    if fmt not in ("retina", "svg", "png"):
+        raise ValueError(f"fmt must be 'retina', 'svg' or 'png', got {fmt!r}")
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats(fmt)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 130) -> Path:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from gimplib import book
+from gimplib.book import render_check
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -140,7 +141,33 @@ def test_every_code_include_of_the_book_resolves_to_a_library_object():
                 lines = source.read_text().splitlines()[node.lineno - 1 : node.end_lineno]
                 assert any(end_before in line for line in lines), f"{page.name}: {end_before!r} not in {obj}"
             seen += 1
-    assert seen >= 20, f"only {seen} code includes found; the API page should show the library"
+    assert seen >= 8, f"only {seen} code includes found; the architecture page should show the library's code"
+
+
+def test_every_autodoc_entry_of_the_api_page_names_a_documented_library_object():
+    import importlib
+    import inspect
+
+    text = (ROOT / "book" / "api.md").read_text()
+    entries = re.findall(r"\.\. (auto\w+):: ([\w.]+)", text)
+    assert len(entries) >= 40, f"only {len(entries)} autodoc entries on the API page"
+    assert "literalinclude" not in text, "the API page should be autodoc, not pasted source"
+    for kind, dotted in entries:
+        parts = dotted.split(".")
+        obj = None
+        for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for name in parts[cut:]:
+                obj = getattr(obj, name, None)
+            break
+        assert obj is not None, f"api.md: {kind} {dotted} does not resolve"
+        doc = inspect.getdoc(obj) or ""
+        assert len(doc) > 20, f"api.md: {dotted} has no docstring to show"
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert {"sphinx.ext.autodoc", "sphinx.ext.napoleon"} <= set(config["sphinx"]["extra_extensions"])
 
 
 def _bib_keys() -> set[str]:
@@ -356,7 +383,7 @@ def test_built_book_has_every_chapter_and_its_figures(smoke_book):
 
 
 def _chromium_or_skip() -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    chromium = render_check.find_chromium()
     if chromium is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
     return chromium
@@ -364,8 +391,7 @@ def _chromium_or_skip() -> str:
 
 def _headless(chromium: str, profile: Path, *args: str) -> list[str]:
     """A headless Chromium command that reaches no network of its own accord."""
-    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}", *args]
+    return render_check.headless_command(chromium, profile, *args)
 
 
 def _screenshot(chromium: str, url: str, png: Path, profile: Path) -> np.ndarray:
@@ -407,3 +433,120 @@ def test_equations_render_from_the_site_itself(smoke_book, tmp_path):
                     (html / "book" / "method.html").as_uri())
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<mjx-container") >= 4, "MathJax did not typeset the method page's equations"
+
+
+# ------------------------------------------------------------------------ the GiMP figure
+
+
+def test_gimp_figure_regenerates_and_matches_the_committed_svg(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    import matplotlib
+
+    from gimplib.book import figure
+
+    committed = ROOT / figure.FIGURE_PATH
+    assert committed.is_file(), f"{committed} missing: run python -m gimplib.book.figure"
+    out = figure.write_gimp_figure(tmp_path / "gimp.svg")
+    text = out.read_text()
+    assert text == figure.svg_text(), "drawing the figure twice gave different SVG"
+    root = ET.fromstring(text)
+    assert root.tag.endswith("svg") and float(root.get("width").removesuffix("pt")) > 400
+    assert figure.main(["--out", str(tmp_path / "cli.svg")]) == 0 and (tmp_path / "cli.svg").read_text() == text
+    # the committed file is this code's drawing (compared where the same matplotlib drew it)
+    made_by = re.search(r"gimplib\.book\.figure \(matplotlib ([^)]+)\)", committed.read_text())
+    assert made_by, f"{committed} was not written by gimplib.book.figure"
+    if made_by.group(1) == matplotlib.__version__:
+        assert committed.read_text() == text, f"{committed} is stale: run python -m gimplib.book.figure"
+
+
+def test_gimp_figure_is_on_the_architecture_and_intro_pages():
+    arch = (ROOT / "book" / "architecture.md").read_text()
+    intro = (ROOT / "book" / "intro.md").read_text()
+    for page, text in (("architecture.md", arch), ("intro.md", intro)):
+        assert "figures/gimp.svg" in text, f"{page} does not show the GiMP figure"
+        assert ":alt:" in text[text.index("figures/gimp.svg"):][:600], f"{page}: the GiMP figure has no alt text"
+    assert ":name: fig-gimp" in arch and "{numref}`fig-gimp`" in arch and "{numref}`fig-gimp`" in intro
+    assert "```text" not in arch.split("## Tensor shapes")[0], "the ASCII drawing is back on the architecture page"
+
+
+# ------------------------------------------------------------------------ rendered pages at 1280 px
+
+
+def _mathjax_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("sphinx-mathjax-offline")
+    if spec is None or spec.origin is None:
+        pytest.skip("sphinx-mathjax-offline (the book's local MathJax) is not installed")
+    return Path(spec.origin).parent / "static" / "mathjax"
+
+
+_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<style>body {{ margin: 0; font-family: sans-serif; }} article.bd-article {{ width: 600px; margin-left: 100px; }}
+pre {{ overflow-x: auto; }}</style>
+<script>window.MathJax = {{ tex: {{ tags: "ams" }} }};</script>
+<script defer src="{mathjax}"></script></head>
+<body><article class="bd-article"><h1>Probe</h1><p>Some text.</p>{body}</article></body></html>"""
+
+
+def test_render_check_finds_clipping_and_mathjax_errors(tmp_path):
+    """The page probe on hand-made pages: what it must flag, and a clean page it must pass."""
+    chromium = _chromium_or_skip()
+    mathjax = (_mathjax_dir() / "tex-chtml.js").as_uri()
+    pages = {
+        "clean": "<p>Short text.</p><pre>short code</pre><p>$$a = b \\tag{1}$$</p>",
+        "wide_code": "<pre>" + "x = 1  # " + "long " * 60 + "</pre>",
+        "wide_image": '<div style="width: 900px; height: 20px; background: red">wide</div>',
+        "bad_math": "<p>$$\\begin{split} a &= b \\tag{1} \\end{split}$$</p>",
+    }
+    for name, body in pages.items():
+        (tmp_path / f"{name}.html").write_text(_PAGE.format(mathjax=mathjax, body=body))
+    reports = {r.page: r for r in render_check.check_site(tmp_path, out=tmp_path / "shots", chromium=chromium)}
+    assert set(reports) == {f"{n}.html" for n in pages}
+    clean = reports["clean.html"]
+    assert clean.ok, clean.problems()
+    assert clean.formulas >= 1 and clean.column_width == 600 and clean.screenshot.is_file()
+    assert reports["wide_code.html"].scrolled and not reports["wide_code.html"].ok
+    assert reports["wide_image.html"].outside and reports["wide_image.html"].outside[0].startswith("div")
+    bad = reports["bad_math.html"]
+    assert bad.math_errors and "not allowed" in " ".join(bad.math_errors), bad.math_errors
+    assert not list(tmp_path.glob("_gimp_probe_*")), "the probe's temporary copies were left behind"
+
+
+#: Where the rendered-book test leaves its screenshots (one PNG per page, full page height).
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+
+
+@pytest.fixture(scope="session")
+def rendered_pages(smoke_book):
+    chromium = _chromium_or_skip()
+    out, result = smoke_book
+    assert result.build_status == 0
+    return render_check.check_site(result.html, out=SCREENSHOTS, chromium=chromium)
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(1800)
+def test_every_page_renders_at_1280px_without_mathjax_errors(rendered_pages):
+    """Every page of the smoke book, in headless Chromium at 1280 px: no MathJax error
+    (``merror``, e.g. "\\tag not allowed in split environment"), a screenshot of each in
+    _build/screenshots/, and nothing clipped on the prose pages."""
+    pages = {r.page for r in rendered_pages}
+    assert {"book/intro.html", "book/architecture.html", "notebooks/03_mpm.html"} <= pages
+    errors = [line for r in rendered_pages for line in r.problems() if "MathJax error" in line or r.error]
+    assert not errors, "\n".join(errors)
+    assert all(r.screenshot is not None and r.screenshot.is_file() for r in rendered_pages)
+    assert next(r for r in rendered_pages if r.page == "book/method.html").formulas >= 20
+    clipped = [line for r in rendered_pages if not r.page.startswith("notebooks/") for line in r.problems()]
+    assert not clipped, "content clipped at 1280 px:\n" + "\n".join(clipped)
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(1800)
+@pytest.mark.xfail(reason="issue 17: the display equations of notebooks 02 and 03 (restated instead of cited with "
+                          "{eq}) and 05's wide DataFrame still need sideways scrolling at 1280 px; the notebook "
+                          "restructure fixes them", strict=False)
+def test_notebook_pages_render_at_1280px_without_clipping(rendered_pages):
+    clipped = [line for r in rendered_pages if r.page.startswith("notebooks/") for line in r.problems()]
+    assert not clipped, "content clipped at 1280 px:\n" + "\n".join(clipped)

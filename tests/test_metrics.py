@@ -94,3 +94,33 @@ def test_bad_inputs():
 def test_mean_sd():
     assert mean_sd([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert mean_sd([0.5]) == (0.5, 0.0)
+
+
+def test_clopper_pearson_known_values():
+    from gimplib.metrics import clopper_pearson
+
+    # 32 of 32 right: the bootstrap's [1, 1] is really [0.891, 1] (0.025 ** (1 / 32))
+    low, high = clopper_pearson(32, 32)
+    assert low == pytest.approx(0.025 ** (1 / 32)) and low == pytest.approx(0.891, abs=5e-4) and high == 1.0
+    assert clopper_pearson(0, 32) == (0.0, pytest.approx(1 - 0.025 ** (1 / 32)))
+    # textbook values (e.g. R's binom.test(5, 10)$conf.int: 0.187086 0.812914)
+    assert clopper_pearson(5, 10) == (pytest.approx(0.187086, abs=1e-6), pytest.approx(0.812914, abs=1e-6))
+    # 189 of 190 (the paper's 0.9947): [0.9710, 0.9999]
+    low, high = clopper_pearson(189, 190)
+    assert low == pytest.approx(0.97101, abs=1e-4) and high == pytest.approx(0.99987, abs=1e-4)
+    # symmetric in successes and failures, and wider at 99 % than at 95 %
+    a, b = clopper_pearson(7, 20)
+    c, d = clopper_pearson(13, 20)
+    assert a == pytest.approx(1 - d) and b == pytest.approx(1 - c)
+    e, f = clopper_pearson(7, 20, alpha=0.01)
+    assert e < a and f > b
+
+
+@pytest.mark.parametrize("k, n, alpha, match", [(3, 2, 0.05, "0 <= k <= n"), (-1, 5, 0.05, "0 <= k <= n"),
+                                                (0, 0, 0.05, "n >= 1"), (1.5, 4, 0.05, "whole counts"),
+                                                (1, 4, 0.0, "alpha")])
+def test_clopper_pearson_bad_input(k, n, alpha, match):
+    from gimplib.metrics import clopper_pearson
+
+    with pytest.raises(ValueError, match=match):
+        clopper_pearson(k, n, alpha=alpha)

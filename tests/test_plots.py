@@ -182,3 +182,50 @@ def test_save_figure(tmp_path):
     fig = plots.plot_confusion([[1, 0], [0, 1]], ["a", "b"])
     out = plots.save_figure(fig, tmp_path / "sub" / "cm.png")
     assert out.stat().st_size > 1000
+
+
+def test_seed_accuracies_points_paper_and_interval():
+    runs = pd.DataFrame({"system": ["ABMIL"] * 3 + ["GiMP"] * 3, "seed": [0, 1, 2] * 2,
+                         "accuracy": [0.8125, 0.75, 0.59375, 1.0, 1.0, 0.96875]})
+    fig = plots.plot_seed_accuracies(runs, paper={"GiMP": 0.9947, "ABMIL": 0.7737}, n_test=32, title="seeds")
+    assert _not_blank(fig)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ABMIL", "GiMP"]  # order kept, not sorted
+    assert "one patient = 3.1 points" in ax.get_xlabel()
+    labels = [h.get_label() for h in ax.get_legend_handles_labels()[0]]
+    assert labels.count("paper (TCGA)") == 1 and "one seed" in labels
+    # six seeds drawn as points, two paper diamonds
+    offsets = [c.get_offsets() for c in ax.collections]
+    assert sum(len(o) for o in offsets) == 6 + 2
+    with pytest.raises(ValueError, match="missing"):
+        plots.plot_seed_accuracies(pd.DataFrame({"accuracy": [1.0]}))
+    with pytest.raises(ValueError, match="no run"):
+        plots.plot_seed_accuracies(pd.DataFrame({"system": ["a"], "accuracy": [np.nan]}))
+
+
+def test_use_book_figures_outside_ipython_is_a_no_op():
+    plots.use_book_figures("svg")
+    with pytest.raises(ValueError, match="retina"):
+        plots.use_book_figures("jpeg")
+
+
+def test_attention_tumour_auc_figure():
+    records = [dict(slide_id="a", tumour_fraction=0.1, auc=0.9), dict(slide_id="b", tumour_fraction=0.3, auc=0.7),
+               dict(slide_id="c", tumour_fraction=1.0, auc=float("nan"))]
+    fig = plots.plot_attention_tumour_auc(records, label={"a": "LUAD", "b": "LUSC", "c": "LUSC"})
+    assert _not_blank(fig)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "LUAD (n = 1)" in labels and "LUSC (n = 1)" in labels and "median 0.80" in labels
+    with pytest.raises(ValueError, match="no slide"):
+        plots.plot_attention_tumour_auc([dict(slide_id="c", tumour_fraction=1.0, auc=float("nan"))])
+    with pytest.raises(ValueError, match="missing"):
+        plots.plot_attention_tumour_auc([dict(slide_id="c")])
+
+
+def test_tsne_four_panels_are_two_by_two(rng):
+    y = np.repeat([0, 1], 15)
+    panels = {name: (rng.normal(size=(30, 4)) + y[:, None], y) for name in ("GiMP", "no genes", "BioViL", "MGCA")}
+    fig = plots.plot_tsne_panels(panels, label_names=["LUAD", "LUSC"])
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    rows = {round(ax.get_position().y0, 2) for ax in shown}
+    assert len(shown) == 4 and len(rows) == 2

@@ -3,7 +3,8 @@
 The runner never writes into the checkout. It copies ``_config.yml``, ``_toc.yml``,
 ``book/`` and the library sources (for ``literalinclude``) into ``_build/site/``, puts the
 executed notebooks in ``_build/site/notebooks/`` and overwrites the site's copies of
-``book/_build_note.md``, ``book/_provenance.md`` and ``book/_results.md`` (committed as
+``book/_build_note.md``, ``book/_build_summary.md``, ``book/_provenance.md`` and
+``book/_results.md`` (committed as
 placeholders that say the book was built without executing anything).
 """
 
@@ -175,10 +176,20 @@ def _is_local_path(value: Any) -> bool:
 
 
 def _with_ci(metrics: dict[str, Any], key: str) -> str:
+    """``value [low, high]`` from a stage's metrics; for an accuracy whose bootstrap interval
+    is a single point (every resample equally right: 32 of 32 gives [1.00, 1.00]) the exact
+    binomial interval of ``round(value * n)`` of ``n`` test cases, marked "exact"."""
     value = metrics.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return ""
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    n = metrics.get(key.split("_", 1)[0] + "_n") if "_" in key else None
+    if key.endswith("_accuracy") and not key.endswith("balanced_accuracy") and isinstance(n, int) and n > 0 \
+            and (not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or high - low < 1e-12):
+        from gimplib.metrics import clopper_pearson
+
+        low, high = clopper_pearson(round(value * n), n)
+        return f"{value:.3f} [{low:.3f}, {high:.3f}] exact"
     if isinstance(low, (int, float)) and isinstance(high, (int, float)):
         return f"{value:.3f} [{low:.2f}, {high:.2f}]"
     return f"{value:.3f}"
@@ -211,22 +222,124 @@ _COMPARISON_FILES = (
 )
 
 
+def _comparison_runs(stage_dir: Path) -> Any:
+    """The comparison's per-run results (``runs.csv``: recipe, seed, fold, accuracy, auc),
+    or None when the stage wrote none."""
+    import pandas as pd
+
+    path = stage_dir / "runs.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    if not {"recipe", "seed", "accuracy"} <= set(frame.columns):
+        return None
+    return frame
+
+
+def _seed_cells(frame: Any, runs: Any, table: str) -> list[str]:
+    """Per row of a regenerated table, the accuracy of every seed (and fold), e.g. "0.812, 0.750"."""
+    from gimplib.train.compare import ROWS
+
+    recipe_of = {r.label: r.recipe for r in ROWS if r.table == table}
+    cells = []
+    for system in frame["system"]:
+        recipe = recipe_of.get(str(system).removesuffix(" (ours)"))
+        acc = runs.loc[runs["recipe"] == recipe].sort_values(["seed"])["accuracy"] if recipe else []
+        cells.append(", ".join(f"{a:.3f}" for a in acc))
+    return cells
+
+
 def _comparison_tables(stage_dir: Path) -> list[str]:
     import pandas as pd
 
+    runs = _comparison_runs(stage_dir)
     blocks = []
     for name, caption in _COMPARISON_FILES:
         path = stage_dir / name
         if path.is_file():
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if runs is not None and name != "claims.csv" and "system" in frame.columns:
+                at = list(frame.columns).index("accuracy (paper, TCGA)") if "accuracy (paper, TCGA)" in frame.columns \
+                    else len(frame.columns)
+                frame.insert(at, "accuracy of each seed", _seed_cells(frame, runs, name.removesuffix(".csv")))
             blocks.append(f"{caption}\n\n{_markdown_table(frame)}")
     return blocks
 
 
-def _headline_tables(found: dict[str, dict[str, Any]], stage_dirs: dict[str, Path] | None = None) -> list[str]:
+def seed_figure(stage_dir: Path, out: Path, *, n_test: int | None) -> Path | None:
+    """Draw every run of the comparison as a point, rows in the paper's order (Table 1, then
+    Table 2's own rows), the paper's accuracy marked; write it as SVG to ``out``.
+
+    Returns:
+        ``out``, or None when the stage wrote no ``runs.csv``.
+    """
+    import pandas as pd
+
+    from gimplib.plots import plot_seed_accuracies
+    from gimplib.train.compare import ROWS
+
+    runs = _comparison_runs(stage_dir)
+    if runs is None or runs.empty:
+        return None
+    label: dict[str, str] = {}
+    paper: dict[str, float] = {}
+    for r in ROWS:  # a recipe in both tables is drawn once, under its Table 1 name
+        if r.recipe not in label:
+            label[r.recipe] = r.label
+            if r.paper_accuracy is not None:
+                paper[r.label] = r.paper_accuracy
+    order = [rec for rec in label if rec in set(runs["recipe"])]
+    frame = pd.DataFrame([{"system": label[rec], "accuracy": a} for rec in order
+                          for a in runs.loc[runs["recipe"] == rec, "accuracy"]])
+    if frame.empty:
+        return None
+    fig = plot_seed_accuracies(frame, paper=paper, n_test=n_test)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="svg", bbox_inches="tight")
+    return out
+
+
+def _paper_order(recipes: Sequence[str]) -> list[str]:
+    """Recipe ids in the order of the paper's Tables 1 and 2 (unknown ones last, as given)."""
+    from gimplib.train.compare import ROWS
+
+    rank = {}
+    for i, r in enumerate(ROWS):
+        rank.setdefault(r.recipe, i)
+    return sorted(recipes, key=lambda rec: (rank.get(rec, len(ROWS)), list(recipes).index(rec)))
+
+
+def _one_patient(found: dict[str, dict[str, Any]]) -> str:
+    """A sentence on what one test patient is worth in accuracy points in this build."""
+    sizes = sorted({int(n) for m in found.values() for k, n in m.items()
+                    if k in ("test_n", "n_test") and isinstance(n, (int, float)) and n > 0})
+    if not sizes:
+        return ""
+    parts = [f"{n} test patients, so one patient is {100 / n:.1f} points of accuracy" for n in sizes]
+    return ("**Resolution.** This build's test set" + ("s have " if len(sizes) > 1 else " has ")
+            + "; ".join(parts) + ": a difference smaller than that is not a difference between "
+            "systems, and a difference of a few patients is within the seeds' spread below.\n")
+
+
+def _seed_figure_block(name: str, stem: str, n_test: int | None, synthetic: bool) -> str:
+    patient = f" One test patient is {100 / n_test:.1f} points ({n_test} test patients)." if n_test else ""
+    data = "on the **synthetic** cohort" if synthetic else "on this build's cohort"
+    return (
+        f"```{{figure}} {name}\n:name: fig-results-seeds\n:width: 100%\n"
+        f":alt: Dot plot, one row per system of the paper's Tables 1 and 2 in the paper's order: the "
+        f"test accuracy of each seed of {stem} as a green point, their mean as a green tick, the "
+        f"paper's TCGA accuracy as a red diamond and the exact 95 % interval of one run as a grey bar.\n\n"
+        f"Every run of `{stem}` ({data}): test accuracy per seed "
+        f"(points), their mean (tick), the exact binomial 95 % interval of one run at the row's median "
+        f"accuracy (grey), and the paper's TCGA-NSCLC accuracy (red diamond; 190 test patients).{patient}\n```\n"
+    )
+
+
+def _headline_tables(found: dict[str, dict[str, Any]], stage_dirs: dict[str, Path] | None = None, *,
+                     figure_dir: Path | None = None, synthetic: bool = False) -> list[str]:
     """Test-set classification figures of the stages, and the comparison's tables (its CSV
     files, rows named as in the paper; else mean ± sd per recipe from its metrics)."""
-    blocks = []
+    blocks = [note] if (note := _one_patient(found)) else []
     rows = [
         f"| {stem} | {_with_ci(m, 'test_accuracy')} | {_with_ci(m, 'test_balanced_accuracy')} | "
         f"{_with_ci(m, 'test_auc')} | {_with_ci(m, 'test_f1')} |"
@@ -234,15 +347,22 @@ def _headline_tables(found: dict[str, dict[str, Any]], stage_dirs: dict[str, Pat
     ]
     if rows:
         blocks.append(
-            "Test-set classification in this build (bootstrap 95 % intervals in brackets):\n\n"
+            "Test-set classification in this build (bootstrap 95 % intervals in brackets; where every "
+            "bootstrap resample gives the same accuracy, as when all test patients are right, the "
+            "exact binomial (Clopper-Pearson) interval instead, marked *exact*):\n\n"
             "| stage | accuracy | balanced accuracy | AUC | F1 |\n|:--|--:|--:|--:|--:|\n" + "\n".join(rows) + "\n"
         )
     for stem, m in found.items():
         tables = _comparison_tables(stage_dirs[stem]) if stage_dirs and stem in stage_dirs else []
         if tables:
             blocks.extend(tables)
+            if figure_dir is not None:
+                n_test = m.get("n_test") if isinstance(m.get("n_test"), int) else None
+                svg = seed_figure(stage_dirs[stem], figure_dir / f"_results_seeds_{stem}.svg", n_test=n_test)
+                if svg is not None:
+                    blocks.append(_seed_figure_block(svg.name, stem, n_test, synthetic))
             continue
-        systems = [k[: -len("_accuracy_mean")] for k in m if k.endswith("_accuracy_mean")]
+        systems = _paper_order([k[: -len("_accuracy_mean")] for k in m if k.endswith("_accuracy_mean")])
         if systems:
             lines = [f"| `{name}` | {_mean_sd(m, name + '_accuracy')} | {_mean_sd(m, name + '_auc')} |" for name in systems]
             blocks.append(
@@ -252,7 +372,8 @@ def _headline_tables(found: dict[str, dict[str, Any]], stage_dirs: dict[str, Pat
     return blocks
 
 
-def _results_markdown(workdir: Path, stems: Sequence[str], runs: dict[str, Any] | None = None) -> str:
+def _results_markdown(workdir: Path, stems: Sequence[str], runs: dict[str, Any] | None = None, *,
+                      figure_dir: Path | None = None) -> str:
     """Headline tables, then every stage's ``metrics.json`` in a collapsed block.
 
     Values come from ``<its run's workdir>/<stem>/metrics.json``; file paths of the build
@@ -283,11 +404,13 @@ def _results_markdown(workdir: Path, stems: Sequence[str], runs: dict[str, Any] 
             f":::{{admonition}} All figures of {stem} (`{stem}/metrics.json`)\n:class: dropdown\n\n"
             f"| metric | value |\n|:--|--:|\n{rows}\n:::\n"
         )
-    return "\n".join(_headline_tables(found, stage_dirs) + blocks)
+    synthetic = any((runs or {}).get(s, {}).get("synthetic") for s in stems)
+    return "\n".join(_headline_tables(found, stage_dirs, figure_dir=figure_dir, synthetic=synthetic) + blocks)
 
 
 def write_pages(site: Path, runs: dict[str, Any], workdir: Path, stems: Sequence[str], build_info: dict) -> None:
-    """Fill the site's ``book/_build_note.md``, ``_provenance.md`` and ``_results.md``."""
+    """Fill the site's ``book/_build_note.md``, ``_build_summary.md``, ``_provenance.md`` and
+    ``_results.md`` (with the comparison's per-seed figure, ``_results_seeds_<stem>.svg``)."""
     book = site / "book"
     book.mkdir(parents=True, exist_ok=True)
     executed = [s for s in stems if runs.get(s, {}).get("status") == "executed"]
@@ -295,16 +418,18 @@ def write_pages(site: Path, runs: dict[str, Any], workdir: Path, stems: Sequence
     datas = sorted({runs[s]["data"] for s in executed})
     synthetic = any(runs[s].get("synthetic") for s in executed)
     if executed:
-        note = (
+        summary = (
             f"This copy of the book was built on {build_info['date']} with the parameter set "
-            f"**{', '.join(sets)}**; its notebooks ran on {'; '.join(datas)}. "
-            "See [About this build](provenance.md) for the details."
+            f"**{', '.join(sets)}**; its notebooks ran on {'; '.join(datas)}."
         )
+        note = summary + " See [About this build](provenance.md) for the details."
         kind = "warning" if synthetic else "note"
     else:
-        note = "This copy of the book was built without executing the notebooks: they show no outputs."
+        summary = note = "This copy of the book was built without executing the notebooks: they show no outputs."
         kind = "note"
     (book / "_build_note.md").write_text(f":::{{admonition}} Which run made this book\n:class: {kind}\n{note}\n:::\n")
+    # the provenance page itself shows the note without the link to itself
+    (book / "_build_summary.md").write_text(f":::{{admonition}} Which run made this book\n:class: {kind}\n{summary}\n:::\n")
 
     several_data = len(datas) > 1
     rows = []
@@ -317,7 +442,7 @@ def write_pages(site: Path, runs: dict[str, Any], workdir: Path, stems: Sequence
         rows.append(row + (f" {run['data']} |" if several_data else ""))
     total = sum(runs[s]["seconds"] for s in executed)
     provenance = [
-        "| | |",
+        "| what | this build |",
         "|:--|:--|",
         f"| built | {build_info['date']} |",
         f"| git commit | {build_info['commit']} |",
@@ -335,7 +460,7 @@ def write_pages(site: Path, runs: dict[str, Any], workdir: Path, stems: Sequence
         "`injected-parameters`, right after its `parameters` cell.",
     ]
     (book / "_provenance.md").write_text("\n".join(provenance) + "\n")
-    (book / "_results.md").write_text(_results_markdown(workdir, stems, runs) or "No stage has written metrics.\n")
+    (book / "_results.md").write_text(_results_markdown(workdir, stems, runs, figure_dir=book) or "No stage has written metrics.\n")
 
 
 def load_runs(site: Path) -> dict[str, Any]:

@@ -62,6 +62,7 @@ __all__ = [
     "generate_cohort",
     "main",
     "resolve_cohort_dir",
+    "tumour_masks",
 ]
 
 FORMAT_VERSION = 1
@@ -372,6 +373,61 @@ def _write_slide(path: Path, seed: int, index: int, slide: dict, patient: pd.Ser
             for start, x in blocks:
                 feats[start : start + len(x)] = x
     return dict(facts, tumour_fraction=round(facts["tumour_fraction"], 6), n_patches=n)
+
+
+def tumour_masks(cohort_dir: str | os.PathLike, slide_ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Which patches of a synthetic cohort's slides are tumour: the ground truth that real
+    data never has, for checking attention maps (e.g. attention-vs-tumour AUC per slide).
+
+    Nothing extra is stored in the cohort: the generator's layout of each slide is a pure
+    function of the seed, the slide's index and its facts in ``cohort.json``, so the mask
+    is drawn again here, row for row in the order of the slide's ``.h5`` file, and checked
+    against the realised tumour fraction and patch count recorded at generation.
+
+    Args:
+        cohort_dir: a folder written by :func:`generate_cohort` (``gimp-synth``).
+        slide_ids: the slides to return (default: all).
+
+    Returns:
+        ``{slide_id: (N,) bool}``, True for a tumour patch (tumour weight 0.85 in its mix;
+        the class evidence of the synthetic cohort lives there).
+
+    Raises:
+        DataError: the folder is not a synthetic cohort (no ``cohort.json`` from this
+            generator), was written by another format version, names an unknown slide, or
+            the redrawn mask disagrees with the recorded facts.
+    """
+    cohort_dir = Path(cohort_dir)
+    meta_path = cohort_dir / "cohort.json"
+    if not meta_path.is_file():
+        raise DataError(f"{cohort_dir}: no cohort.json; tumour masks exist only for synthetic cohorts (gimp-synth)")
+    meta = load_json(meta_path)
+    if meta.get("generator") != "gimplib.data.synthetic":
+        raise DataError(f"{meta_path}: not written by gimplib.data.synthetic; it has no tumour ground truth")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{meta_path}: format version {meta.get('format_version')!r}, this code draws version "
+                        f"{FORMAT_VERSION}; regenerate the cohort (gimp-synth --overwrite)")
+    settings = {**_settings(meta["preset"], {}), **meta["settings"]}
+    seed = int(meta["seed"])
+    patients = {p["case_id"]: p for p in meta["patients"]}
+    index_of = {sl["slide_id"]: i for i, sl in enumerate(meta["slides"])}
+    wanted = list(index_of) if slide_ids is None else list(slide_ids)
+    unknown = [sid for sid in wanted if sid not in index_of]
+    if unknown:
+        raise DataError(f"{meta_path}: no slide(s) {unknown[:5]} in this cohort")
+    out = {}
+    for sid in wanted:
+        index = index_of[sid]
+        slide = meta["slides"][index]
+        patient = pd.Series({**patients[slide["case_id"]], "y": LABEL_NAMES.index(slide["label"])})
+        _, weights, facts, _ = _slide_layout(seed, index, slide, patient, settings)
+        mask = weights[:, len(TISSUE_TYPES):].sum(axis=1) > 0
+        if len(mask) != int(slide["n_patches"]) or abs(float(mask.mean()) - float(slide["tumour_fraction"])) > 1e-5:
+            raise DataError(f"{meta_path}: slide {sid}: the redrawn tumour mask ({len(mask)} patches, fraction "
+                            f"{mask.mean():.6f}) disagrees with the recorded {slide['n_patches']} patches, fraction "
+                            f"{slide['tumour_fraction']}; was the cohort written by another version of this code?")
+        out[sid] = mask
+    return out
 
 
 # --------------------------------------------------------------------------------- genes
