@@ -224,7 +224,7 @@ def pretrain_baseline(
     aggregator and :func:`~gimplib.train.inference.embed` reads its ``CLS_pat``.
 
     Args:
-        name: a ``"pretrain"`` system of :data:`gimplib.models.baselines.BASELINES`.
+        name: a system of the ``"pretraining"`` block of :data:`gimplib.models.baselines.SYSTEMS`.
         cohort, split, out_dir: as for :func:`pretrain_gimp` (the cohort needs genes).
         gene_encoder_ckpt: a GroupMSA ``best.pt`` of :func:`train_gene_encoder` on the same
             split to start the gene encoder from (trained jointly, as these methods' text
@@ -241,13 +241,12 @@ def pretrain_baseline(
     Returns:
         :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch).
     """
-    from gimplib.models.baselines import BASELINE_KINDS, build_baseline
+    from gimplib.models.baselines import SYSTEMS, build_baseline, canonical_name, systems_in
 
     out_dir = Path(out_dir)
-    key = name.lower().replace("-", "_")
-    if BASELINE_KINDS.get(key) != "pretrain":
-        known = sorted(k for k, v in BASELINE_KINDS.items() if v == "pretrain")
-        raise ValueError(f"{name!r} is not an image-gene pretraining baseline; known: {known}")
+    key = canonical_name(name)
+    if key not in SYSTEMS or SYSTEMS[key].trainer != "pretrain_baseline":
+        raise ValueError(f"{name!r} is not an image-gene pretraining baseline; known: {sorted(systems_in('pretraining'))}")
     callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
     opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
     source = _gene_encoder_source(gene_encoder_ckpt)

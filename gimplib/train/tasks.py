@@ -274,7 +274,7 @@ def train_baseline(
     progress: bool = True,
     **common: Any,
 ) -> RunResult:
-    """Train a compared system from :data:`gimplib.models.baselines.BASELINES` end to end.
+    """Train a compared system of :data:`gimplib.models.baselines.SYSTEMS` (blocks pathology and fusion) end to end.
 
     The loss is ``cross_entropy(logits, y) + loss_aux`` (the system's own auxiliary term).
 
@@ -294,15 +294,15 @@ def train_baseline(
         :class:`RunResult`.
     """
     from gimplib.data.datasets import collate_bags
-    from gimplib.models.baselines import BASELINE_KINDS, build_baseline
+    from gimplib.models.baselines import SYSTEMS, build_baseline, canonical_name
 
     out_dir = Path(out_dir)
-    key = name.lower().replace("-", "_")
-    if key not in BASELINE_KINDS:
-        raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINE_KINDS)}")
-    if BASELINE_KINDS[key] == "pretrain":
+    key = canonical_name(name)
+    if key not in SYSTEMS:
+        raise ValueError(f"unknown baseline {name!r}; known: {sorted(SYSTEMS)}")
+    if SYSTEMS[key].trainer != "train_baseline":
         raise ValueError(f"{name!r} is a pretraining system: run pretrain_baseline, then finetune(pretrained_ckpt=...)")
-    genes = BASELINE_KINDS[key] != "pathology" if use_genes is None else bool(use_genes)
+    genes = SYSTEMS[key].reads_genes if use_genes is None else bool(use_genes)
     callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
     opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
     transform = gene_transform_settings(gene_transform=gene_transform, standardize=standardize, top_k_var=top_k_var,
