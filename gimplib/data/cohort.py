@@ -20,13 +20,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gimplib.data.bags import bag_encoder, bag_info
-from gimplib.data.genes import (
-    _is_normal_sample,
-    is_tcga_barcode,
-    patient_id,
-    read_gdc_expression,
-    read_gene_table,
-)
+from gimplib.data.barcode import is_normal_sample, is_tcga_barcode, patient_id
+from gimplib.data.gdc import read_gdc_expression
+from gimplib.data.genes import read_gene_table
 from gimplib.utils import DataError
 
 __all__ = ["Cohort", "load_cohort", "normalize_slide_id"]
@@ -259,7 +255,7 @@ def _gene_table_to_patients(genes: pd.DataFrame, source: str, verbose: bool) -> 
         genes.index = pd.Index([patient_id(i) for i in ids], name="case_id")
         return genes
     patients = [patient_id(i) for i in ids]
-    normal = np.array([_is_normal_sample(i) for i in ids])
+    normal = np.array([is_normal_sample(i) for i in ids])
     frame = pd.DataFrame({"patient": patients, "normal": normal})
     has_tumour = frame.groupby("patient")["normal"].transform(lambda s: (~s).any())
     keep = ~(frame["normal"] & has_tumour).to_numpy()

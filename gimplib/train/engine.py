@@ -17,8 +17,10 @@ and the model is wrapped in ``DistributedDataParallel``; rank 0 evaluates and wr
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -219,9 +221,6 @@ def _terminal_stream() -> Any:
     """The terminal's stderr, past a Jupyter kernel's capture: ipykernel forwards fd 2 into the
     notebook, but its ``sys.stderr.fileno()`` is a copy of the original stream (plain Python:
     fd 2 itself). Opened once per process."""
-    import io
-    import sys
-
     if not _TERMINAL:
         try:
             _TERMINAL.append(os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1))

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gimplib.data.datasets import BagDataset, WindowDataset
+from gimplib.data.genes import GeneTransform
+from gimplib.models.aggregator import PatchAggregator
+from gimplib.models.any_modality import AnyModalityClassifier
+from gimplib.models.baselines import build_baseline
 from gimplib.models.gene_encoders import build_gene_encoder
+from gimplib.models.gimp import GiMP, GiMPClassifier
 from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import gene_matrix
 from gimplib.utils import exists, get_device
@@ -56,8 +62,6 @@ def build_gimp(config: Mapping[str, Any], in_dim: int, *, load_weights: bool) ->
     """A :class:`GiMP` from a pretraining config; the gene encoder's weights are loaded from its
     checkpoint when ``load_weights`` (a new run), else only its structure is built (they are then
     part of the GiMP checkpoint being loaded)."""
-    from gimplib.models.gimp import GiMP
-
     gene_cfg = config["gene_encoder"]
     encoder = None
     if exists(gene_cfg):
@@ -87,8 +91,6 @@ def gene_encoder_spec(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def load_gene_transform(path: str | os.PathLike) -> Any:
     """The fitted :class:`~gimplib.data.genes.GeneTransform` stored in a checkpoint, or None."""
-    from gimplib.data.genes import GeneTransform
-
     ckpt = load_checkpoint(path)
     return GeneTransform.from_state_dict(ckpt["gene_transform"]) if "gene_transform" in ckpt else None
 
@@ -110,30 +112,21 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     elif task == "pretrain":
         net, kind = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
     elif task == "finetune":
-        from gimplib.models.aggregator import PatchAggregator
-        from gimplib.models.gimp import GiMPClassifier
-
         spec = cfg.get("gene_encoder")
         encoder = build_gene_encoder(spec["encoder"], **spec["build"]) if exists(spec) else None
         kwargs = dict(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]), gene_encoder=encoder,
                       num_classes=len(cfg["cohort"]["label_names"]),
                       freeze_gene_encoder=cfg.get("freeze_gene_encoder", True), **cfg["head_kwargs"])
         if cfg.get("modality_dropout"):  # our missing-modality extension
-            from gimplib.models.any_modality import AnyModalityClassifier
-
             net = AnyModalityClassifier(modality_dropout=cfg["modality_dropout"], **kwargs)
         else:
             net = GiMPClassifier(**kwargs)
         kind = "classifier"
     elif task == "pretrain_baseline":
-        from gimplib.models.baselines import build_baseline
-
         source = cfg["gene_encoder"]
         encoder = build_gene_encoder(source["encoder"], **source["build"]) if exists(source) else None
         net, kind = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
     elif task == "baseline":
-        from gimplib.models.baselines import build_baseline
-
         net, kind = build_baseline(cfg["name"], **ckpt["build"]), "baseline"
     else:
         raise ValueError(f"{path}: unknown task {task!r} in the checkpoint's config")
@@ -184,9 +177,6 @@ def embed(
     Raises:
         DataError: a case has no expression although the model needs it (the case is named).
     """
-    from gimplib.data.datasets import BagDataset, WindowDataset
-    from gimplib.models.aggregator import PatchAggregator
-
     dev = get_device(device)
     ids = list(case_ids)
     if isinstance(model_or_ckpt, nn.Module):
