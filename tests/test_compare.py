@@ -208,3 +208,20 @@ def test_paper_claims_verdicts_follow_the_numbers():
     assert claims.loc["1", "paper"] == "0.8995 vs 0.8889"  # the paper: aggregator vs its best MIL row (CLAM-MB)
     assert "Transmil" not in claims.loc["1", "ours"] and "TransMIL 0.800" in claims.loc["1", "ours"]
     assert (paper_claims(runs.iloc[:0], n_test=40)["verdict"] == "not run").all()
+
+
+@pytest.mark.parametrize("recipe", [r for system in SYSTEMS.values() for r in system.recipes])
+def test_every_registered_systems_recipe_trains_and_reloads(smoke, tmp_path, recipe):
+    from gimplib.train import load_model
+    from gimplib.train.compare import run_recipe
+
+    cohort, split = smoke
+    out = run_recipe(Job(recipe, 0), cohort, split, out_root=tmp_path, config=TINY)
+    metrics = load_json(out / "metrics.json")
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    system = SYSTEMS[RECIPES[recipe].options["name"]]
+    if system.block == "pretraining":  # pre-trained, then fine-tuned on image + genes like GiMP
+        assert type(load_model(out / "pretrain" / "checkpoint.pt")) is system.constructor
+        assert load_model(out / "best.pt").uses_genes
+    else:
+        assert type(load_model(out / "best.pt")) is system.constructor

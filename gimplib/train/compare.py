@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from gimplib.data.bags import bag_cache_info, set_bag_cache
 from gimplib.metrics import mean_sd
 from gimplib.models.baselines import BLOCKS, SYSTEMS
+from gimplib.train.options import TrainOptions
 from gimplib.train.pretraining import finetune, pretrain_baseline, pretrain_gimp
 from gimplib.train.tasks import train_baseline, train_gene_encoder
 from gimplib.utils import load_json
@@ -234,6 +235,11 @@ class SweepConfig:
     progress: bool = False
     overwrite: bool = False
 
+    def options(self, **fields: Any) -> TrainOptions:
+        """The :class:`~gimplib.train.options.TrainOptions` every run of the sweep shares, with ``fields``."""
+        return TrainOptions(lr=self.lr, weight_decay=self.weight_decay, device=self.device, overwrite=self.overwrite,
+                            progress=self.progress, **fields)
+
     def aggregator(self) -> dict[str, Any]:
         return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
                     num_landmarks=self.num_landmarks)
@@ -279,10 +285,9 @@ def _gene_dir(out_root: Path, gene: str, seed: int, fold: int | None) -> Path:
 def _train_gene_encoder(cohort: Any, split: Mapping, gene: str, seed: int, fold: int | None, out_root: Path,
                         cfg: SweepConfig) -> Path:
     return train_gene_encoder(
-        cohort, split, encoder=gene, encoder_kwargs=cfg.gene_kwargs(gene), num_epochs=cfg.gene_epochs,
-        clip=cfg.gene_clip, gene_order=cfg.gene_order,
-        batch_size=32, seed=seed, out_dir=_gene_dir(out_root, gene, seed, fold), lr=cfg.lr,
-        weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite, progress=cfg.progress,
+        cohort, split, encoder=gene, encoder_kwargs=cfg.gene_kwargs(gene), clip=cfg.gene_clip,
+        gene_order=cfg.gene_order, out_dir=_gene_dir(out_root, gene, seed, fold),
+        options=cfg.options(num_epochs=cfg.gene_epochs, batch_size=32, seed=seed),
     ).checkpoint
 
 
@@ -298,30 +303,28 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
         raise ValueError(f"recipe {job.recipe!r} cannot run: {reason}")
     trainer, opt = RECIPES[job.recipe]
     out = job.out_dir(out_root)
-    runtime = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite,
-                   progress=cfg.progress)
-    fit = dict(input=cfg.input, window_len=cfg.window_len, max_patches=cfg.max_patches,
-               num_epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, seed=job.seed, out_dir=out, **runtime)
+    bags = dict(input=cfg.input, window_len=cfg.window_len, max_patches=cfg.max_patches, out_dir=out)
+    supervised = cfg.options(num_epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, seed=job.seed)
     if trainer == "train_baseline":
         system = SYSTEMS[opt["name"]]
         model_kwargs = cfg.baseline_kwargs(system.name)
         if opt.get("gene") is not None:  # GiMP's encoders fused: the recipe names the gene encoder
             model_kwargs.update(gene_encoder=opt["gene"], gene_kwargs=cfg.gene_kwargs(opt["gene"]))
         if system.published and cfg.baseline_lr is not None:
-            fit["lr"] = cfg.baseline_lr
+            supervised = replace(supervised, lr=cfg.baseline_lr)
         # the gene transform settings are only read by the systems that read genes
         train_baseline(system.name, cohort, split, model_kwargs=model_kwargs, clip=cfg.gene_clip,
-                       gene_order=cfg.gene_order, **fit)
+                       gene_order=cfg.gene_order, options=supervised, **bags)
         return out
     if trainer == "finetune":  # the aggregator, supervised on slides alone, no pre-training
-        finetune(cohort, split, aggregator_kwargs=cfg.aggregator(), **fit)
+        finetune(cohort, split, aggregator_kwargs=cfg.aggregator(), options=supervised, **bags)
         return out
     if opt["gene"] is None:
         gene_ckpt = None
     elif gene_ckpt is None:
         gene_ckpt = _train_gene_encoder(cohort, split, opt["gene"], job.seed, job.fold, out_root, cfg)
-    pre = dict(gene_encoder_ckpt=gene_ckpt, window_len=cfg.window_len, num_epochs=cfg.pretrain_epochs,
-               batch_size=cfg.pretrain_batch_size, seed=job.seed, out_dir=out / "pretrain", **runtime)
+    pre = dict(gene_encoder_ckpt=gene_ckpt, window_len=cfg.window_len, out_dir=out / "pretrain",
+               options=cfg.options(num_epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, seed=job.seed))
     if trainer == "pretrain_baseline":
         pretrained = pretrain_baseline(opt["name"], cohort, split, model_kwargs=cfg.baseline_kwargs(opt["name"]),
                                        **pre).checkpoint
@@ -329,7 +332,8 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
         model_kwargs = dict(cfg.aggregator(), use_mpm=opt["mpm"], use_triplet=opt["triplet"],
                             decoder_hidden=cfg.decoder_hidden, rec_reduction=cfg.rec_reduction)
         pretrained = pretrain_gimp(cohort, split, model_kwargs=model_kwargs, **pre).checkpoint
-    finetune(cohort, split, pretrained_ckpt=pretrained, freeze_gene_encoder=not cfg.finetune_gene_encoder, **fit)
+    finetune(cohort, split, pretrained_ckpt=pretrained, freeze_gene_encoder=not cfg.finetune_gene_encoder,
+             options=supervised, **bags)
     return out
 
 

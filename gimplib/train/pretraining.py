@@ -394,8 +394,9 @@ def gimp_pipeline(
         gene_kwargs: keywords of :func:`train_gene_encoder`.
         pretrain_kwargs: keywords of :func:`pretrain_gimp`.
         finetune_kwargs: keywords of :func:`finetune`.
-        **shared: keywords given to every stage (``device``, ``seed``, ``progress``,
-            ``overwrite``, ``amp``, ...); a stage's own keywords win.
+        **shared: keywords given to every stage (``options=TrainOptions(...)``, or its fields:
+            ``device``, ``seed``, ``progress``, ``overwrite``, ``amp``, ...); a stage's own
+            keywords win.
 
     Returns:
         The fine-tuning :class:`RunResult`.
