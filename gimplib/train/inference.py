@@ -29,16 +29,17 @@ class Task(nn.Module):
 
     Args:
         net: the model.
-        kind: ``"genes"`` (``net.classify(genes)``), ``"pretrain"`` (``net.pretrain_step``),
-            ``"classifier"`` (``net(feats, mask, genes)``, a :class:`GiMPClassifier`) or
-            ``"baseline"`` (the baseline contract).
+        entry: which of the net's entry points ``forward`` runs: ``"genes"``
+            (``net.classify(genes)``), ``"pretrain"`` (``net.pretrain_step``), ``"classifier"``
+            (``net(feats, mask, genes)``, a :class:`GiMPClassifier`) or ``"baseline"`` (the
+            baseline contract).
 
     ``state_dict`` / ``load_state_dict`` are the model's own, so checkpoints carry its keys.
     """
 
-    def __init__(self, net: nn.Module, kind: str) -> None:
+    def __init__(self, net: nn.Module, entry: str) -> None:
         super().__init__()
-        self.net, self.kind = net, kind
+        self.net, self.entry = net, entry
 
     # checkpoints hold the model's own keys ("aggregator.proj.weight", not "net.aggregator...")
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -48,11 +49,11 @@ class Task(nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, batch: Mapping[str, Any], with_y: bool = True) -> dict[str, torch.Tensor]:
-        if self.kind == "genes":
+        if self.entry == "genes":
             return {"logits": self.net.classify(batch["genes"])}
-        if self.kind == "pretrain":
+        if self.entry == "pretrain":
             return dict(self.net.pretrain_step(batch["feats"], batch["mask"], batch.get("genes"), batch["y"]))
-        if self.kind == "classifier":
+        if self.entry == "classifier":
             return {"logits": self.net(batch["feats"], batch["mask"], genes=batch.get("genes"))}
         out = self.net(batch["feats"], mask=batch["mask"], genes=batch.get("genes"), y=batch["y"] if with_y else None)
         return {"logits": out["logits"], "loss_aux": out["loss_aux"]}
@@ -108,9 +109,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     task = cfg.get("task")
     in_dim = cfg["cohort"]["feat_dim"]
     if task == "genes":
-        net, kind = build_gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
+        net, entry = build_gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
     elif task == "pretrain":
-        net, kind = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
+        net, entry = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
     elif task == "finetune":
         spec = cfg.get("gene_encoder")
         encoder = build_gene_encoder(spec["encoder"], **spec["build"]) if exists(spec) else None
@@ -121,16 +122,16 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
             net = AnyModalityClassifier(modality_dropout=cfg["modality_dropout"], **kwargs)
         else:
             net = GiMPClassifier(**kwargs)
-        kind = "classifier"
+        entry = "classifier"
     elif task == "pretrain_baseline":
         source = cfg["gene_encoder"]
         encoder = build_gene_encoder(source["encoder"], **source["build"]) if exists(source) else None
-        net, kind = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
+        net, entry = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
     elif task == "baseline":
-        net, kind = build_baseline(cfg["name"], **ckpt["build"]), "baseline"
+        net, entry = build_baseline(cfg["name"], **ckpt["build"]), "baseline"
     else:
         raise ValueError(f"{path}: unknown task {task!r} in the checkpoint's config")
-    task_module = Task(net, kind)
+    task_module = Task(net, entry)
     task_module.load_state_dict(ckpt["model"])
     return net.to(get_device(device)).eval()
 

@@ -367,7 +367,7 @@ def finetune(
     extras = {"label_names": list(cohort.label_names)}
     if exists(gt):
         extras["gene_transform"] = gt.state_dict()
-    return run_supervised(kind="classifier", net=net, config=config, out_dir=out_dir,
+    return run_supervised(entry="classifier", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=collate_bags, opts=opts,
                           select=select, extras=extras, eval_batch_size=1)
 

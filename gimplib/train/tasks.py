@@ -82,17 +82,17 @@ def start_run(out_dir: Path, config: Mapping[str, Any], opts: TrainOptions) -> R
     return done
 
 
-def run_supervised(*, kind: str, net: nn.Module, config: dict[str, Any], out_dir: Path, train_ds: Any,
+def run_supervised(*, entry: str, net: nn.Module, config: dict[str, Any], out_dir: Path, train_ds: Any,
                    eval_sets: Mapping[str, Any], collate_fn: Callable | None, opts: TrainOptions,
                    select: str, extras: Mapping[str, Any], eval_batch_size: int) -> RunResult:
     """Train a classifier task, keep the best epoch on validation, evaluate val + test with CIs."""
-    task = Task(net, kind)
+    task = Task(net, entry)
     loaders = {part: loader_for(ds, batch_size=eval_batch_size, collate_fn=collate_fn, num_workers=opts.num_workers)
                for part, ds in eval_sets.items()}
     res = fit_with(task, train_ds, opts, step_fn=_supervised_step, out_dir=out_dir, config=config,
                    collate_fn=collate_fn,
                    eval_fn=epoch_eval_fn(_logits, loaders["val"], lambda: next(task.parameters()).device),
-                   select=f"val_{select}", mode="min" if select == "loss" else "max", extras=extras, desc=kind)
+                   select=f"val_{select}", mode="min" if select == "loss" else "max", extras=extras, desc=entry)
     metrics: dict[str, Any] = {"best_epoch": None}
     predictions = None
     if res.dist.is_main:
@@ -185,7 +185,7 @@ def train_gene_encoder(
     parts = {p: list(split[p]) for p in ("train", "val", "test") if split.get(p)}
     sets = {p: GeneDataset(cohort, ids, gene_matrix(cohort, gt, ids)) for p, ids in parts.items()}
     extras = {"gene_transform": gt.state_dict(), "label_names": list(cohort.label_names), "build": kwargs}
-    return run_supervised(kind="genes", net=net, config=config, out_dir=out_dir,
+    return run_supervised(entry="genes", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=None, opts=opts,
                           select=select, extras=extras, eval_batch_size=max(opts.batch_size, 64))
 
@@ -280,7 +280,7 @@ def train_baseline(
     extras = {"label_names": list(cohort.label_names), "build": build}
     if exists(gt):
         extras["gene_transform"] = gt.state_dict()
-    return run_supervised(kind="baseline", net=net, config=config, out_dir=out_dir,
+    return run_supervised(entry="baseline", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=collate_bags, opts=opts,
                           select=select, extras=extras, eval_batch_size=1)
 
