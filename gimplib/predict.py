@@ -188,7 +188,7 @@ def find_bags(bags_dir: str | os.PathLike) -> dict[str, Path]:
 def _cases(bags: dict[str, Path], dataset_csv: Path | None) -> pd.DataFrame:
     """One row per slide: case_id, slide_id, path (None when its bag is absent), label ('' if unknown)."""
     from gimplib.data.cohort import normalize_slide_id
-    from gimplib.data.genes import patient_id
+    from gimplib.data.barcode import patient_id
 
     if dataset_csv is None:
         rows = [(patient_id(sid), sid, path, "") for sid, path in bags.items()]

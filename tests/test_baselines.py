@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from gimplib.models.baselines import (
-    BASELINE_KINDS,
     BASELINES,
+    BLOCKS,
+    SYSTEMS,
     GatedBilinearFusion,
     build_baseline,
+    register_system,
     smooth_top1_svm_loss,
 )
 from gimplib.models.baselines.mcat import contiguous_groups
@@ -24,32 +26,19 @@ from gimplib.models.baselines.mcat import contiguous_groups
 D, G, C = 16, 12, 2
 
 
-TINY: dict[str, dict] = {
-    "abmil": dict(embed_dim=16, attn_dim=8),
-    "dsmil": dict(query_dim=8),
-    "clam_sb": dict(embed_dim=16, attn_dim=8, k_sample=3),
-    "clam_mb": dict(embed_dim=16, attn_dim=8, k_sample=3),
-    "transmil": dict(embed_dim=16, num_heads=2, num_landmarks=4),
-    "porpoise": dict(embed_dim=16, omic_hidden=(16, 16), scale=2),  # bag width 8
-    "pathomic": dict(path_dim=8, omic_hidden=(8, 8), fused_dim=8, attn_dim=8),
-    "mcat": dict(embed_dim=16, num_heads=2, num_groups=3),
-    "gimp_fusion": dict(
-        embed_dim=16, num_heads=2, num_landmarks=4, hidden=16,
-        gene_encoder="groupmsa", gene_kwargs=dict(fragment_size=4, num_groups=2, embed_dim=8, num_heads=2),
-    ),
-}
-CLASSIFIERS = sorted(TINY)
+# every registered classifier, built from its record's tiny configuration
+CLASSIFIERS = sorted(name for name, system in SYSTEMS.items() if system.block != "pretraining")
 
 
 def make(name: str, **over) -> torch.nn.Module:
-    cfg = dict(in_dim=D, num_classes=C, **TINY[name], **over)
-    if BASELINE_KINDS[name] == "fusion":
+    cfg = dict(in_dim=D, num_classes=C, **SYSTEMS[name].tiny, **over)
+    if SYSTEMS[name].reads_genes:
         cfg["num_genes"] = G
     return build_baseline(name, **cfg)
 
 
 def genes_for(name: str, b: int, gen: torch.Generator) -> torch.Tensor | None:
-    return torch.randn(b, G, generator=gen) if BASELINE_KINDS[name] == "fusion" else None
+    return torch.randn(b, G, generator=gen) if SYSTEMS[name].reads_genes else None
 
 
 def make_bags(num_bags: int, *, seed: int, n_max: int = 24, n_min: int = 12, n_key: int = 3):
@@ -76,16 +65,38 @@ def make_bags(num_bags: int, *, seed: int, n_max: int = 24, n_min: int = 12, n_k
 # ---------------------------------------------------------------- registry
 
 
-def test_registry_is_complete_and_kinds_are_known():
-    assert set(BASELINES) == set(BASELINE_KINDS)
-    assert set(BASELINE_KINDS.values()) <= {"pathology", "fusion", "pretrain"}
-    assert set(CLASSIFIERS) <= set(BASELINES)
+def test_registry_records_are_complete():
+    from pathlib import Path
+
+    bib = (Path(__file__).resolve().parents[1] / "book" / "references.bib").read_text()
+    assert set(BASELINES) == set(SYSTEMS) and set(CLASSIFIERS) | set(PRETRAINERS) == set(SYSTEMS)
+    for name, system in SYSTEMS.items():
+        assert system.name == name and system.block in BLOCKS
+        assert BASELINES[name] is system.constructor
+        assert f"{{{system.cite}," in bib, f"{name}: cite key {system.cite!r} is not in book/references.bib"
+        assert system.trainer == ("pretrain_baseline" if system.block == "pretraining" else "train_baseline")
+        widths = system.widths(embed_dim=32, depth=1, num_heads=2, num_landmarks=8)
+        assert isinstance(widths, dict) and system.recipes
+
+
+def test_registration_requires_a_tiny_configuration_and_a_known_block():
+    with pytest.raises(TypeError, match="tiny"):
+        register_system("nope", block="pathology", cite="ilse2018abmil")
+    with pytest.raises(ValueError, match="unknown block 'pretrain'"):
+        register_system("nope", block="pretrain", tiny={}, cite="x")
+    with pytest.raises(ValueError, match="already registered"):
+        register_system("abmil", block="pathology", tiny={}, cite="x")
+    with pytest.raises(ValueError, match="lower case"):
+        register_system("CLAM-XL", block="pathology", tiny={}, cite="x")
+    with pytest.raises(ValueError, match="cite"):
+        register_system("nope", block="pathology", tiny={}, cite="")
+    assert "nope" not in SYSTEMS
 
 
 def test_build_baseline_unknown_name_lists_known_ones():
     with pytest.raises(KeyError, match="unknown baseline 'abmill'.*abmil"):
         build_baseline("abmill")
-    assert type(build_baseline("CLAM-SB", in_dim=D, **TINY["clam_sb"])).__name__ == "CLAM_SB"
+    assert type(build_baseline("CLAM-SB", in_dim=D, **SYSTEMS["clam_sb"].tiny)).__name__ == "CLAM_SB"
 
 
 # ---------------------------------------------------------------- contract
@@ -140,7 +151,7 @@ def test_bad_inputs_name_the_system(name):
         model(torch.randn(1, 5, D + 1), genes=torch.randn(1, G))
     with pytest.raises(ValueError, match=rf"{system}.*no valid patch"):
         model(torch.randn(2, 5, D), torch.tensor([[True] * 5, [False] * 5]), genes=torch.randn(2, G))
-    if BASELINE_KINDS[name] == "fusion":
+    if SYSTEMS[name].reads_genes:
         with pytest.raises(ValueError, match=rf"{system} needs genes"):
             model(torch.randn(1, 5, D))
         with pytest.raises(ValueError, match=rf"num_genes={G}"):
@@ -336,23 +347,7 @@ from gimplib.models.baselines import MGCAStyle, sinkhorn_knopp  # noqa: E402
 from gimplib.models.baselines.refers import split_views  # noqa: E402
 
 GP = 24  # genes of the pretraining tests
-PRE_COMMON = dict(
-    in_dim=D,
-    num_genes=GP,
-    embed_dim=16,
-    depth=1,
-    num_heads=2,
-    num_landmarks=4,
-    proj_dim=8,
-    dropout=0.0,
-    gene_cfg=dict(fragment_size=4, num_groups=3, embed_dim=16, num_heads=2, dropout=0.0),
-)
-PRE_TINY: dict[str, dict] = {
-    "biovil": dict(),
-    "mgca": dict(num_prototypes=4, max_token_patches=8),
-    "refers": dict(num_views=2, decoder_hidden=16),
-}
-PRETRAINERS = sorted(PRE_TINY)
+PRETRAINERS = sorted(name for name, system in SYSTEMS.items() if system.block == "pretraining")
 TERMS = {
     "biovil": {"loss_global": 1.0, "loss_mgm": 1.0},
     "mgca": {"loss_instance": 1.0, "loss_token": 0.7, "loss_proto": 0.5},
@@ -361,7 +356,7 @@ TERMS = {
 
 
 def make_pretrainer(name: str, **over):
-    return build_baseline(name, **{**PRE_COMMON, **PRE_TINY[name], **over})
+    return build_baseline(name, **{"in_dim": D, "num_genes": GP, **SYSTEMS[name].tiny, **over})
 
 
 def make_pairs(num: int, *, seed: int, n_min: int = 24, n_key: int = 8):
@@ -372,8 +367,8 @@ def make_pairs(num: int, *, seed: int, n_min: int = 24, n_key: int = 8):
     return feats, mask, genes, y
 
 
-def test_pretrain_registry_kind():
-    assert {k for k, v in BASELINE_KINDS.items() if v == "pretrain"} == set(PRETRAINERS)
+def test_the_pretraining_block_is_the_three_image_gene_methods():
+    assert PRETRAINERS == ["biovil", "mgca", "refers"]
 
 
 @pytest.mark.parametrize("name", PRETRAINERS)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gimplib.models.baselines import BASELINES
+from gimplib.models.baselines import BLOCKS, SYSTEMS
 from gimplib.train.compare import (
     PAPER_TCGA,
     RECIPES,
@@ -35,11 +35,11 @@ def test_every_row_has_a_runnable_recipe():
         labels = [r.label for r in ROWS if r.table == table]
         assert len(labels) == len(set(labels))
     assert {r.recipe for r in ROWS} == set(RECIPES)
-    for recipe, (kind, opt) in RECIPES.items():
-        assert kind in {"baseline", "aggregator", "fusion", "gimp", "pretrain_baseline"}
+    for recipe, (trainer, opt) in RECIPES.items():
+        assert trainer in {"train_baseline", "finetune", "pretrain_baseline", "pretrain_gimp"}
         assert unavailable(recipe) is None
-        if "name" in opt:
-            assert opt["name"] in BASELINES
+        if "name" in opt:  # a registered system's recipe, trained by the task its record names
+            assert recipe in SYSTEMS[opt["name"]].recipes and trainer == SYSTEMS[opt["name"]].trainer
     # Table 1's GiMP and Table 2's full model are one system with one set of runs
     assert {r.recipe for r in ROWS if r.label in ("GiMP", "aggregator + GroupMSA + triplet + MPM (GiMP)")} == {"gimp"}
     assert set(PAPER_TCGA) == {(r.table, r.label) for r in ROWS}  # the paper's figure beside every row
@@ -86,6 +86,20 @@ def test_rows_are_the_papers_rows_and_each_recipe_trains_what_the_row_says():
         assert (facts["gene_encoder"], facts["pretraining"], facts["mpm"], facts["triplet"],
                 facts["finetune_inputs"]) == (gene, pre, mpm, triplet, inputs), row.label
     assert PAPER_TCGA[("table1", "GiMP")] == {"accuracy": 0.9947}
+
+
+def test_recipes_and_table_blocks_are_read_off_the_registry():
+    for name, system in SYSTEMS.items():
+        for recipe in system.recipes:
+            assert RECIPES[recipe].options["name"] == name
+            for row in (r for r in ROWS if r.recipe == recipe and r.table == "table1"):
+                assert row.group == BLOCKS[system.block], (name, row.label)
+    # the sweep's widths come from the records: at the paper's scale, the official architectures
+    paper = SweepConfig()
+    assert paper.baseline_kwargs("mcat") == dict(embed_dim=256, num_heads=8)
+    assert paper.baseline_kwargs("porpoise") == dict(embed_dim=512, scale=8)
+    assert paper.baseline_kwargs("dsmil") == {}
+    assert paper.baseline_kwargs("biovil") == paper.aggregator()
 
 
 def test_job_folders(tmp_path):
@@ -194,3 +208,20 @@ def test_paper_claims_verdicts_follow_the_numbers():
     assert claims.loc["1", "paper"] == "0.8995 vs 0.8889"  # the paper: aggregator vs its best MIL row (CLAM-MB)
     assert "Transmil" not in claims.loc["1", "ours"] and "TransMIL 0.800" in claims.loc["1", "ours"]
     assert (paper_claims(runs.iloc[:0], n_test=40)["verdict"] == "not run").all()
+
+
+@pytest.mark.parametrize("recipe", [r for system in SYSTEMS.values() for r in system.recipes])
+def test_every_registered_systems_recipe_trains_and_reloads(smoke, tmp_path, recipe):
+    from gimplib.train import load_model
+    from gimplib.train.compare import run_recipe
+
+    cohort, split = smoke
+    out = run_recipe(Job(recipe, 0), cohort, split, out_root=tmp_path, config=TINY)
+    metrics = load_json(out / "metrics.json")
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    system = SYSTEMS[RECIPES[recipe].options["name"]]
+    if system.block == "pretraining":  # pre-trained, then fine-tuned on image + genes like GiMP
+        assert type(load_model(out / "pretrain" / "checkpoint.pt")) is system.constructor
+        assert load_model(out / "best.pt").uses_genes
+    else:
+        assert type(load_model(out / "best.pt")) is system.constructor

@@ -344,3 +344,16 @@ def test_cluster_order_of_many_genes_goes_through_kmeans(monkeypatch):
         factor = [int(g[4:]) % 4 for g in gt.genes]
         changes = sum(a != b for a, b in zip(factor, factor[1:]))
         assert changes == 3, factor  # each factor's 12 genes form one run
+
+
+def test_barcode_helpers_live_in_their_own_module_and_gdc_does_not_import_genes():
+    import ast
+    from pathlib import Path
+
+    from gimplib.data import barcode, gdc
+
+    assert barcode.is_normal_sample("TCGA-05-4244-11A") and not barcode.is_normal_sample("TCGA-05-4244-01A")
+    assert patient_id is barcode.patient_id and strip_version is barcode.strip_version  # re-exported by genes
+    tree = ast.parse(Path(gdc.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "gimplib.data.genes" not in imported  # no cycle gdc <-> genes

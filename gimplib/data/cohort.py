@@ -17,15 +17,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from gimplib.data.bags import bag_encoder, bag_info
-from gimplib.data.genes import (
-    _is_normal_sample,
-    is_tcga_barcode,
-    patient_id,
-    read_gdc_expression,
-    read_gene_table,
-)
+from gimplib.data.barcode import is_normal_sample, is_tcga_barcode, patient_id
+from gimplib.data.gdc import read_gdc_expression
+from gimplib.data.genes import read_gene_table
 from gimplib.utils import DataError
 
 __all__ = ["Cohort", "load_cohort", "normalize_slide_id"]
@@ -258,7 +255,7 @@ def _gene_table_to_patients(genes: pd.DataFrame, source: str, verbose: bool) -> 
         genes.index = pd.Index([patient_id(i) for i in ids], name="case_id")
         return genes
     patients = [patient_id(i) for i in ids]
-    normal = np.array([_is_normal_sample(i) for i in ids])
+    normal = np.array([is_normal_sample(i) for i in ids])
     frame = pd.DataFrame({"patient": patients, "normal": normal})
     has_tumour = frame.groupby("patient")["normal"].transform(lambda s: (~s).any())
     keep = ~(frame["normal"] & has_tumour).to_numpy()
@@ -336,17 +333,50 @@ def load_cohort(
     csv_path = data_dir / dataset_csv
     df = _read_dataset_csv(csv_path)
     label_names, mapping = _label_names(df, labels, csv_path)
-
-    slide_dirs = [d for d in (data_dir / "h5_files", data_dir / "pt_files") if d.is_dir()]
     gene_source = _resolve_gene_source(data_dir, gene_file, sample_sheet)
+    require = _required_modalities(data_dir, df, csv_path, gene_source, require)
+
+    case_order = list(dict.fromkeys(df["case_id"]))
+    slides, feat_dim, missing_slide = _empty_slides(), None, {}
+    if "slides" in require:
+        slides, feat_dim, missing_slide = _read_slides(data_dir, df, case_order, verbose)
+    genes, missing_genes = None, []
+    if "genes" in require:
+        genes, missing_genes = _read_genes(gene_source, sample_sheet, case_order, dataset_csv, verbose)
+
+    incomplete = _incomplete_cases(csv_path, gene_source, case_order, slides, missing_slide, missing_genes,
+                                   drop_incomplete, verbose)
+    keep = [c for c in case_order if c not in incomplete]
+    if not keep:
+        raise DataError(f"{csv_path}: no case has every required modality {list(require)}")
+    cases = _case_table(df, keep, mapping, csv_path)
+    if "slides" in require:
+        slides = slides[slides["case_id"].isin(set(keep))].reset_index(drop=True)
+        per_case = slides.groupby("case_id")["n_patches"].agg(["size", "sum"])
+        cases["n_slides"] = per_case.loc[keep, "size"].to_numpy(dtype=np.int64)
+        cases["n_patches"] = per_case.loc[keep, "sum"].to_numpy(dtype=np.int64)
+    if genes is not None:
+        genes = genes.loc[keep]
+    return Cohort(
+        data_dir=data_dir,
+        cases=cases,
+        slides=slides,
+        genes=genes,
+        label_names=label_names,
+        feat_dim=feat_dim,
+    )
+
+
+def _required_modalities(data_dir: Path, df: pd.DataFrame, csv_path: Path, gene_source: Path | None,
+                         require: Sequence[str] | None) -> tuple[str, ...]:
+    """The modalities every case must have (default: those the folder has), checked against the folder."""
+    slide_dirs = [d for d in (data_dir / "h5_files", data_dir / "pt_files") if d.is_dir()]
     available = []
     if slide_dirs and "slide_id" in df.columns:
         available.append("slides")
     if gene_source is not None:
         available.append("genes")
-    if require is None:
-        require = tuple(available)
-    require = tuple(require)
+    require = tuple(available) if require is None else tuple(require)
     bad = [m for m in require if m not in MODALITIES]
     if bad:
         raise ValueError(f"require: unknown modality {bad}; expected a subset of {MODALITIES}")
@@ -362,69 +392,74 @@ def load_cohort(
         raise DataError(f"{data_dir}: slides required but {what}")
     if "genes" in require and gene_source is None:
         raise DataError(f"{data_dir}: genes required but no gene table ({', '.join(GENE_FILES)}) found")
+    return require
 
-    case_order = list(dict.fromkeys(df["case_id"]))
-    missing_slide: dict[str, list[str]] = {}
-    slides = _empty_slides()
-    feat_dim = None
-    if "slides" in require:
-        records, absent = [], []
-        rows = df[df["slide_id"].notna()][["slide_id", "case_id"]].itertuples(index=False)
-        for slide_id, case_id in rows:
-            path = None
-            for folder, suffix in ((data_dir / "h5_files", ".h5"), (data_dir / "pt_files", ".pt")):
-                if (folder / f"{slide_id}{suffix}").exists():
-                    path = folder / f"{slide_id}{suffix}"
-                    break
-            if path is None:
-                absent.append((slide_id, case_id))
-            else:
-                records.append((slide_id, case_id, path))
-        for slide_id, case_id in absent:
+
+def _read_slides(data_dir: Path, df: pd.DataFrame, case_order: Sequence[str],
+                 verbose: bool) -> tuple[pd.DataFrame, int | None, dict[str, list[str]]]:
+    """(slides table, feature dim D, case -> slide ids without a bag): every bag's shape, read
+    from its header only; a bag of another D than the others is an error naming it."""
+    records, missing_slide = [], {}
+    rows = df[df["slide_id"].notna()][["slide_id", "case_id"]].itertuples(index=False)
+    for slide_id, case_id in rows:
+        path = None
+        for folder, suffix in ((data_dir / "h5_files", ".h5"), (data_dir / "pt_files", ".pt")):
+            if (folder / f"{slide_id}{suffix}").exists():
+                path = folder / f"{slide_id}{suffix}"
+                break
+        if path is None:
             missing_slide.setdefault(case_id, []).append(slide_id)
-        iterator = records
-        if verbose and len(records) > 200:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(records, desc="bag shapes", leave=False)
-        shapes = [bag_info(path) for _, _, path in iterator]
-        _warn_random_encoder([path for _, _, path in records], data_dir)
-        if records:
-            dims = Counter(d for _, d in shapes)
-            feat_dim = dims.most_common(1)[0][0]
-            odd = [(rec[2], d) for rec, (_, d) in zip(records, shapes) if d != feat_dim]
-            if odd:
-                shown = ", ".join(f"{p} (D={d})" for p, d in odd[:5])
-                raise DataError(
-                    f"feature dim differs from the other bags' D={feat_dim}: {shown}; "
-                    "every bag must come from the same feature extractor"
-                )
-            slides = pd.DataFrame(
-                {
-                    "slide_id": [r[0] for r in records],
-                    "case_id": [r[1] for r in records],
-                    "path": [r[2] for r in records],
-                    "n_patches": np.array([n for n, _ in shapes], dtype=np.int64),
-                }
-            )
-        with_slide = set(slides["case_id"])
-        for case in case_order:  # cases whose rows carry no slide_id at all
-            if case not in with_slide and case not in missing_slide:
-                missing_slide[case] = []
-
-    genes = None
-    missing_genes: list[str] = []
-    if "genes" in require:
-        if gene_source.is_dir():
-            genes = read_gdc_expression(gene_source, sample_sheet, verbose=verbose)
         else:
-            genes = read_gene_table(gene_source)
-        genes = _gene_table_to_patients(genes, str(gene_source), verbose)
-        missing_genes = [c for c in case_order if c not in genes.index]
-        extra = len(genes.index.difference(pd.Index(case_order)))
-        if verbose and extra:
-            print(f"load_cohort: {extra} case(s) of {gene_source.name} are not in {dataset_csv} (ignored)")
+            records.append((slide_id, case_id, path))
+    iterator = tqdm(records, desc="bag shapes", leave=False) if verbose and len(records) > 200 else records
+    shapes = [bag_info(path) for _, _, path in iterator]
+    _warn_random_encoder([path for _, _, path in records], data_dir)
+    slides, feat_dim = _empty_slides(), None
+    if records:
+        dims = Counter(d for _, d in shapes)
+        feat_dim = dims.most_common(1)[0][0]
+        odd = [(rec[2], d) for rec, (_, d) in zip(records, shapes) if d != feat_dim]
+        if odd:
+            shown = ", ".join(f"{p} (D={d})" for p, d in odd[:5])
+            raise DataError(
+                f"feature dim differs from the other bags' D={feat_dim}: {shown}; "
+                "every bag must come from the same feature extractor"
+            )
+        slides = pd.DataFrame(
+            {
+                "slide_id": [r[0] for r in records],
+                "case_id": [r[1] for r in records],
+                "path": [r[2] for r in records],
+                "n_patches": np.array([n for n, _ in shapes], dtype=np.int64),
+            }
+        )
+    with_slide = set(slides["case_id"])
+    for case in case_order:  # cases whose rows carry no slide_id at all
+        if case not in with_slide and case not in missing_slide:
+            missing_slide[case] = []
+    return slides, feat_dim, missing_slide
 
+
+def _read_genes(gene_source: Path, sample_sheet: str | os.PathLike | None, case_order: Sequence[str],
+                dataset_csv: str, verbose: bool) -> tuple[pd.DataFrame, list[str]]:
+    """(gene table indexed by patient, cases of ``case_order`` without a row in it)."""
+    if gene_source.is_dir():
+        genes = read_gdc_expression(gene_source, sample_sheet, verbose=verbose)
+    else:
+        genes = read_gene_table(gene_source)
+    genes = _gene_table_to_patients(genes, str(gene_source), verbose)
+    missing_genes = [c for c in case_order if c not in genes.index]
+    extra = len(genes.index.difference(pd.Index(case_order)))
+    if verbose and extra:
+        print(f"load_cohort: {extra} case(s) of {gene_source.name} are not in {dataset_csv} (ignored)")
+    return genes, missing_genes
+
+
+def _incomplete_cases(csv_path: Path, gene_source: Path | None, case_order: Sequence[str], slides: pd.DataFrame,
+                      missing_slide: Mapping[str, list[str]], missing_genes: Sequence[str], drop_incomplete: bool,
+                      verbose: bool) -> set[str]:
+    """The cases to drop for a missing modality; without ``drop_incomplete`` any missing genes
+    or slide file is an error that lists the cases (and their slides)."""
     incomplete = set(missing_genes)
     slide_incomplete = {c for c, s in missing_slide.items() if c not in set(slides["case_id"])}
     incomplete |= slide_incomplete
@@ -451,10 +486,11 @@ def load_cohort(
             f"({len(missing_genes)} without genes, {len(slide_incomplete)} without slides)"
             + (f" and {n_slides} missing slide file(s)" if n_slides else "")
         )
+    return incomplete
 
-    keep = [c for c in case_order if c not in incomplete]
-    if not keep:
-        raise DataError(f"{csv_path}: no case has every required modality {list(require)}")
+
+def _case_table(df: pd.DataFrame, keep: Sequence[str], mapping: Mapping[str, int], csv_path: Path) -> pd.DataFrame:
+    """One row per kept case: ``label`` (its first row's) and ``y``; warns about tiny classes."""
     first = df.drop_duplicates("case_id").set_index("case_id")
     cases = pd.DataFrame(
         {"label": first.loc[keep, "label"].astype(str).to_numpy()},
@@ -465,19 +501,5 @@ def load_cohort(
     small = {name: int(n) for name, n in counts.items() if n < MIN_CLASS_CASES}
     if small:
         warnings.warn(f"{csv_path}: class(es) with fewer than {MIN_CLASS_CASES} cases: {small}; their "
-                      "metrics will rest on a handful of cases (check the label column)", stacklevel=2)
-    if "slides" in require:
-        slides = slides[slides["case_id"].isin(set(keep))].reset_index(drop=True)
-        per_case = slides.groupby("case_id")["n_patches"].agg(["size", "sum"])
-        cases["n_slides"] = per_case.loc[keep, "size"].to_numpy(dtype=np.int64)
-        cases["n_patches"] = per_case.loc[keep, "sum"].to_numpy(dtype=np.int64)
-    if genes is not None:
-        genes = genes.loc[keep]
-    return Cohort(
-        data_dir=data_dir,
-        cases=cases,
-        slides=slides,
-        genes=genes,
-        label_names=label_names,
-        feat_dim=feat_dim,
-    )
+                      "metrics will rest on a handful of cases (check the label column)", stacklevel=3)
+    return cases

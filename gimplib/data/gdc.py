@@ -17,7 +17,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from gimplib.data.genes import _finish_table, _is_normal_sample, strip_version
+from gimplib.data.barcode import gene_frame, is_normal_sample, strip_version
 from gimplib.utils import DataError
 
 __all__ = ["read_gdc_expression"]
@@ -131,7 +131,7 @@ def read_gdc_expression(
             continue
         sample = str(rec.get("Sample ID", "") or "")
         sample_type = str(rec.get("Sample Type", "") or "")
-        normal = "normal" in sample_type.lower() or any(_is_normal_sample(s) for s in sample.split(","))
+        normal = "normal" in sample_type.lower() or any(is_normal_sample(s) for s in sample.split(","))
         rows.append((cases[0], path, normal))
     if missing:
         raise DataError(
@@ -196,7 +196,7 @@ def read_gdc_expression(
         cases.append(case)
         out.append(values[start : start + len(files)].mean(axis=0))
         start += len(files)
-    return _finish_table(np.stack(out), cases, list(common), str(folder))
+    return gene_frame(np.stack(out), cases, list(common), str(folder))
 
 
 def _progress(it: Iterable, total: int, verbose: bool) -> Iterable:

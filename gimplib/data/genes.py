@@ -28,56 +28,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gimplib.data.barcode import TCGA_BARCODE, gene_frame, is_tcga_barcode, patient_id, strip_version
+from gimplib.data.gdc import read_gdc_expression
 from gimplib.utils import DataError, atomic_path
 
 __all__ = [
     "GeneTransform",
-    "is_tcga_barcode",
+    "is_tcga_barcode",  # lives in gimplib.data.barcode, as do patient_id and strip_version
     "patient_id",
-    "read_gdc_expression",  # lives in gimplib.data.gdc; re-exported at the end
+    "read_gdc_expression",  # lives in gimplib.data.gdc; re-exported here
     "read_gene_table",
     "strip_version",
     "write_gene_table",
 ]
 
-# ENS + species + feature letters + digits; GDC's GENCODE v22 files write the PAR_Y copies
-# as ENSGR0000... (an R after the G), which must lose their version too
-_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d+)\.\d+(.*)$")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*\d+")
-_TCGA = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
-_SAMPLE_CODE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}-(\d{2})", re.IGNORECASE)
 _TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
-
-
-def strip_version(ensembl_id: str) -> str:
-    """``ENSG00000141510.16`` -> ``ENSG00000141510``; other names are returned unchanged.
-
-    GENCODE's pseudo-autosomal copies keep what tells them apart from the X-chromosome
-    gene: ``ENSG00000002586.18_PAR_Y`` -> ``ENSG00000002586_PAR_Y``, and GDC's
-    ``ENSGR0000002586.17`` -> ``ENSGR0000002586``.
-    """
-    name = str(ensembl_id).strip()
-    m = _ENSEMBL_VERSION.match(name)
-    return m.group(1) + m.group(2) if m else name
-
-
-def is_tcga_barcode(name: str) -> bool:
-    """True for ``TCGA-XX-XXXX`` and every longer TCGA barcode."""
-    return bool(_TCGA.match(str(name).strip()))
-
-
-def patient_id(barcode: str) -> str:
-    """The patient (case) id of a TCGA barcode: its first 12 characters, upper case.
-
-    ``TCGA-05-4244-01A-01R-1107-07`` -> ``TCGA-05-4244``. Non-TCGA ids are returned unchanged.
-    """
-    name = str(barcode).strip()
-    return name[:12].upper() if is_tcga_barcode(name) else name
-
-
-def _is_normal_sample(barcode: str) -> bool:
-    m = _SAMPLE_CODE.match(str(barcode).strip())
-    return bool(m) and 10 <= int(m.group(1)) <= 19  # TCGA sample codes 10-19 are normal tissue
 
 
 def _fraction(names: Iterable, pattern: re.Pattern) -> float:
@@ -143,39 +109,6 @@ def _first_bad_value(raw: pd.DataFrame, path: Path, row_kind: str, col_kind: str
             )
 
 
-def _check_finite(values: np.ndarray, cases: Sequence, genes: Sequence, source: str) -> None:
-    finite = np.isfinite(values)
-    if finite.all():
-        return
-    rows, cols = np.nonzero(~finite)
-    n_bad = len(rows)
-    where = ", ".join(f"case {cases[r]!r} gene {genes[c]!r}" for r, c in zip(rows[:3], cols[:3]))
-    raise DataError(
-        f"{source}: {n_bad} NaN or inf gene value(s) ({where}{', ...' if n_bad > 3 else ''}); "
-        "expected finite values (impute or drop those genes first)"
-    )
-
-
-def _finish_table(values: np.ndarray, cases: Sequence, genes: Sequence, source: str) -> pd.DataFrame:
-    cases = pd.Index([str(c).strip() for c in cases], name="case_id")
-    dup = cases[cases.duplicated()].unique()
-    if len(dup):
-        raise DataError(
-            f"{source}: duplicated case(s) {list(dup[:5])}{' ...' if len(dup) > 5 else ''}; "
-            "expected one row per case"
-        )
-    stripped = pd.Index([strip_version(g) for g in genes])
-    dup_genes = stripped[stripped.duplicated()].unique()
-    if len(dup_genes):
-        raise DataError(
-            f"{source}: gene(s) {list(dup_genes[:5])} appear more than once "
-            "(after removing Ensembl versions); expected one column per gene"
-        )
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    _check_finite(values, cases, stripped, source)
-    return pd.DataFrame(values, index=cases, columns=stripped, copy=False)
-
-
 def _header(path: Path, sep: str) -> list[str]:
     import csv
     import gzip
@@ -233,7 +166,7 @@ def _fast_matrix(path: Path) -> tuple[str, list[str], list[str], np.ndarray] | N
 def _transposed(id_name: str, ids: Sequence, names: Sequence) -> bool:
     if id_name == "case_id":
         return False
-    header_cases = _fraction(names, _TCGA) >= 0.8
+    header_cases = _fraction(names, TCGA_BARCODE) >= 0.8
     first_genes = _fraction(list(ids)[:200], _ENSEMBL) >= 0.8
     header_genes = _fraction(names, _ENSEMBL) >= 0.8
     return header_cases or (first_genes and not header_genes)
@@ -278,8 +211,8 @@ def read_gene_table(path: str | os.PathLike) -> pd.DataFrame:
     if len(ids) == 0 or len(names) == 0:
         raise DataError(f"{path}: gene table without rows or gene columns")
     if _transposed(id_name, ids, names):
-        return _finish_table(values.T, names, ids, str(path))
-    return _finish_table(values, ids, names, str(path))
+        return gene_frame(values.T, names, ids, str(path))
+    return gene_frame(values, ids, names, str(path))
 
 
 def write_gene_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -543,7 +476,3 @@ def _coexpression_order(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
             _, _, vt = np.linalg.svd(z[:, members], full_matrices=False)
             order.append(members[np.argsort(vt[0])])
     return np.concatenate(order)
-
-
-# The GDC reader builds on the helpers above; imported last to keep the public name here too.
-from gimplib.data.gdc import read_gdc_expression  # noqa: E402

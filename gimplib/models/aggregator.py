@@ -5,59 +5,24 @@ see below), a learnable ``CLS_img`` token in front, ``depth = 2`` pre-norm layer
 ``x = x + NystromAttention(LayerNorm(x))`` from the ``nystrom-attention`` package, and a
 final LayerNorm. The CLS output is ``CLS_img`` (pretraining) / ``CLS_pat`` (fine-tuning).
 
-Masks. The package left-pads every sequence to a multiple of ``num_landmarks`` and forms
-each landmark as the (masked) mean of ``ceil(n / num_landmarks)`` consecutive tokens. Its
-own ``mask`` argument therefore does *not* make padding invisible: appending padded rows
-shifts the landmark segments, and landmarks made only of masked rows enter the
-pseudo-inverse (measured: up to 0.026 absolute change of the outputs). This module instead
-honours a padding mask by *compaction*: each sample whose mask has a False is run alone on
-its valid rows, so padded rows change nothing (exactly the same numbers as the unpadded
-sample run alone); batches without padding run in one call. Inside a call an all-True mask
-is passed to the package so that its own left-padding is masked as well; with
-``mask=None`` (TransMIL's usage) the zero-padded keys soak up attention. Measured against
-exact softmax attention on layer-normed random tokens (128 landmarks), the relative error
-of the output is 0.012 vs 0.024 at 3,001 tokens and 0.012 vs 0.093 at 700 tokens. The
-price is the mask's element-wise work: about 13 % more CPU time per training step at paper
-shapes (``python -m gimplib.bench step --threads 1``).
+What a caller can rely on (the measurements behind each point are in the book's
+architecture page, section "Measurements behind the models' defaults"):
 
-Note a package property: its iterative pseudo-inverse is initialised with a scale taken
-over the whole batch, so in a batched call one sample's output depends (slightly) on the
-others. Whole-bag inference with batch size 1 is unaffected.
-
-Long bags. The package materialises (heads, n, landmarks) matrices, 4.9 GB at 148,569
-patches with 8 heads and 256 landmarks. In eval mode without autograd and for sequences
-longer than ``chunk_size`` this module evaluates the *same* Nystrom formula in chunks of
-tokens (landmarks from running sums, ``softmax(q_landmarks K^T) V`` with a streaming
-softmax, queries and the depth-wise residual convolution chunk by chunk), re-associating
-``A1 (A2^+ (A3 V))`` so the (n, landmarks) x (landmarks, landmarks) product is never formed.
-It matches the package's forward to float precision (tested). Measured on CPU at 148,569
-patches with the attention map (``python -m gimplib.bench slide``): process peak 2.6 GiB
-chunked vs 9.6 GiB through the package's forward (``--chunk-size 1000000``), and 42 vs
-50 CPU-seconds.
-
-Attention maps. ``return_attn=True`` returns, per patch, the *exact* softmax attention of
-the CLS query against all keys of the last layer's (normalised) input, averaged over heads
--- the row that Nystrom attention approximates. It is computed key-chunk by key-chunk, so
-no n x n (or n x landmarks) matrix is built; the CLS-to-itself entry is dropped, so a row
-sums to slightly less than 1; padded patches get 0.
-
-Centred input projection (``center_proj=True``, the default). Patch features of CLAM's
-ResNet50-trunc are non-negative with a large common component (demo cohort: mean 0.51 per
-dimension, within-slide SD 0.23), so the gradient of every row of the input projection is
-nearly parallel to that all-positive mean vector. Adam's per-weight steps then move all
-1,024 weights of a row the same way, shifting its pre-activation on *every* patch alike by
-up to ``lr * sum(x) ~ 500 * lr`` per step (0.5 at lr 1e-3, more than the whole initial
-spread of about 0.3). Units die under the ReLU and the surviving tokens become near-copies
-of one another (measured on the demo cohort after 5-8 epochs at lr 5e-4..3e-3: per-unit SD
-across patches / mean 0.05-0.15, 59-70 % of units dead), so attention has nothing to select
-and ``CLS_pat`` stays at chance. The projection therefore uses rows with zero mean,
-``W - W.mean(dim=1)`` (centred weights, Huang et al., ICCV 2017): the same as removing each
-patch's mean over its features, which takes the sign-coherent part of Adam's update out of
-the pre-activations (same runs: SD / mean 0.4-1.05; test accuracy 0.81-1.00 instead of
-0.50). Same parameters and state-dict keys as a plain ``nn.Linear``; ``center_proj=False``
-restores ``ReLU(Linear(x))``. Known limit: per-dimension offsets remain, and at lr 3e-3
-(embed 32) the tokens again drift to a common mode and the head's ReLUs die; keep the
-learning rate at or below about 1e-3 (TransMIL: 2e-4).
+* Masks: a padding mask is honoured by *compaction* (each padded sample runs alone on its
+  valid rows), so padded rows change nothing, exactly; the package's own ``mask`` argument
+  does not guarantee that. ``mask=None`` is TransMIL's usage (zero-padded keys).
+* In a batched call one sample's output depends slightly on the others (the package's
+  pseudo-inverse is initialised from the whole batch); batch size 1 is unaffected.
+* Long bags: in eval mode without autograd, sequences longer than ``chunk_size`` run the
+  same Nystrom formula in chunks of tokens (equal to float precision, far less memory).
+* ``return_attn=True``: per patch, the exact softmax attention of the CLS query over all
+  keys of the last layer's input, averaged over heads (computed key-chunk by key-chunk;
+  the CLS-to-itself entry is dropped, so a row sums to slightly less than 1; padding gets 0).
+* ``center_proj=True`` (default): the input projection uses zero-mean rows
+  ``W - W.mean(dim=1)`` (centred weights, Huang et al., ICCV 2017), which keeps its ReLU
+  units alive on non-negative features under Adam; same parameters and state-dict keys as
+  ``nn.Linear``; ``center_proj=False`` restores ``ReLU(Linear(x))``. Keep the learning rate
+  at or below about 1e-3.
 
 Choices the paper leaves open (constructor arguments): ``embed_dim = 512``,
 ``num_heads = 8`` (head width ``embed_dim // num_heads``), ``num_landmarks = 256``

@@ -9,9 +9,8 @@ Pretraining (:class:`GiMP`), per mini-batch of windows of patch features:
    positions only (Eq. 3; :func:`gimplib.losses.masked_l1`): ``rec_reduction="sum"``
    (default) is Eq. 3 as written, a sum over masked positions of L1 norms, averaged over the
    windows of a batch (that batching is ours); ``rec_reduction="mean"`` (ours) averages over
-   masked positions and feature dimensions. Trained alone both give the same model; next to
-   the triplet loss only the sum let MPM learn on the demo cohort (the mean's reconstruction
-   gradient is ~1e5 times smaller), so the paper's sum is the default.
+   masked positions and feature dimensions (next to the triplet loss only the sum let MPM
+   learn on the demo cohort; see the book's architecture page).
 2. Gene-induced triplets: ``L_tri`` (Eq. 4) on ``concat(CLS_img, CLS_ge)`` with squared
    L2 distances and margin 0.8, triplets mined from the labels of the batch. ``CLS_ge``
    comes from a gene encoder pretrained beforehand and *frozen* here (eval mode,
@@ -44,12 +43,8 @@ Choices the paper leaves open (constructor arguments):
 * Number of masked positions: ``floor(mask_ratio * n_valid)`` per sample.
 * Decoder initialisation (ours): the output layer starts at ``DECODER_OUT_INIT_SCALE``
   (1 %) of PyTorch's default, and :meth:`GiMP.init_decoder_bias` sets its bias to the
-  training patches' mean (``pretrain_gimp`` does). With the default initialisation the
-  first reconstructions are random patterns around 0 while the features sit around 0.5;
-  training removed that error fastest by making every output token alike, and stayed
-  there: on the demo cohort the validation L1 was 0.202 after 40 epochs, against 0.180
-  for the mean of the window's visible patches; with this initialisation, 0.149
-  (issue 19, measured).
+  training patches' mean (``pretrain_gimp`` does), so that the first reconstructions sit
+  where the features do (why, measured: the book's architecture page).
 
 Fine-tuning (:class:`GiMPClassifier`): an MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)``
 of the (pretrained) aggregator and the gene encoder, i.e. image-omic classification as in

@@ -23,6 +23,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from gimplib.data.cohort import load_cohort
+from gimplib.data.splits import kfold_splits, read_clam_split, train_val_test_split
+from gimplib.data.synthetic import generate_cohort
+from gimplib.train import checkpoint, pretraining, tasks
+from gimplib.train.inference import gene_encoder_spec
+from gimplib.utils import DataError, strict_json
+
 __all__ = ["main"]
 
 _REQUIRES = {"genes": ("genes",), "pretrain": ("slides",), "finetune": ("slides",), "baseline": ("slides",)}
@@ -79,11 +86,6 @@ _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one task; print its metrics.json to stdout. Returns 0, or 1 on a data/config error."""
-    from gimplib.data.cohort import load_cohort
-    from gimplib.data.splits import kfold_splits, read_clam_split, train_val_test_split
-    from gimplib.train import checkpoint, pretraining, tasks
-    from gimplib.utils import DataError
-
     args = _parser().parse_args(argv)
     kwargs = _parse_sets(args.set)
     for name in ("num_epochs", "lr", "batch_size", "seed"):
@@ -92,8 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs.update(out_dir=args.out, device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
     try:
         if args.synthetic:
-            from gimplib.data.synthetic import generate_cohort
-
             data_dir = generate_cohort(args.out / "cohort", preset=args.synthetic, progress=not args.no_progress)
         else:
             data_dir = args.data_dir
@@ -103,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.task == "baseline" and kwargs.get("use_genes"):
             require = ("slides", "genes")
         if args.task == "finetune" and args.pretrained_ckpt:
-            from gimplib.train.inference import gene_encoder_spec
-
             if gene_encoder_spec(checkpoint.load_checkpoint(args.pretrained_ckpt)) is not None:
                 require = ("slides", "genes")  # the classifier reads concat(CLS_img, CLS_ge)
         cohort = load_cohort(data_dir, require=require, drop_incomplete=args.drop_incomplete)
@@ -133,8 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 FileNotFoundError)):
             print("gimp-train: (set GIMP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-    from gimplib.utils import strict_json
-
     print(json.dumps(strict_json(result.metrics), indent=2, sort_keys=True, allow_nan=False))
     return 0
 

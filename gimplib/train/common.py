@@ -16,6 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gimplib.data.datasets import BagDataset, WindowDataset
+from gimplib.data.genes import GeneTransform
+from gimplib.data.splits import check_disjoint
 from gimplib.metrics import classification_metrics
 from gimplib.train.checkpoint import ConfigMismatchError, StaleRunError
 from gimplib.train.engine import BEST, CHECKPOINT, HISTORY, compare_configs, normalize_config, to_device
@@ -28,7 +31,7 @@ from gimplib.train.inputs import (  # noqa: F401  (check_upstream, run_inputs: r
     detail_of,
     run_inputs,
 )
-from gimplib.utils import DataError, exists, load_json, save_json
+from gimplib.utils import DataError, atomic_path, exists, load_json, save_json
 
 __all__ = ["RunResult", "data_fingerprint", "load_run", "run_inputs"]
 
@@ -170,8 +173,6 @@ def _check_inputs(out_dir: Path, saved: Mapping[str, Any] | None, now: Mapping[s
 
 def finish_run(out_dir: Path, metrics: Mapping[str, Any], predictions: pd.DataFrame | None) -> RunResult:
     """Write predictions.csv and then metrics.json (the 'finished' marker), atomically."""
-    from gimplib.utils import atomic_path
-
     if is_main_process():
         if exists(predictions):
             with atomic_path(out_dir / PREDICTIONS) as tmp:
@@ -207,8 +208,6 @@ def cohort_summary(cohort: Any) -> dict[str, Any]:
 
 def check_ids(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
     """Every case of the split is in the cohort, and no patient is in two parts."""
-    from gimplib.data.splits import check_disjoint
-
     check_disjoint({p: list(split.get(p) or []) for p in SPLIT_PARTS})
     known = set(map(str, cohort.cases.index))
     for part in SPLIT_PARTS:
@@ -234,8 +233,6 @@ def check_classes(cohort: Any, split: Mapping[str, Sequence[str]]) -> None:
 def fit_gene_transform(cohort: Any, train_ids: Sequence[str], *, transform: str, standardize: bool,
                        top_k_var: int | None) -> Any:
     """A :class:`~gimplib.data.genes.GeneTransform` fitted on the training cases only."""
-    from gimplib.data.genes import GeneTransform
-
     if not cohort.has_genes:
         raise DataError(f"cohort {cohort.data_dir} has no gene table; this run needs genes")
     return GeneTransform(transform=transform, standardize=standardize, top_k_var=top_k_var).fit(
@@ -325,8 +322,6 @@ def final_evaluation(logits_fn: Callable[[Mapping[str, Any]], torch.Tensor], loa
 
 def bag_sets(cohort: Any, split: Mapping[str, Sequence[str]], *, input: str, window_len: int,
               max_patches: int | None, seed: int, gt: Any = None) -> dict[str, Any]:
-    from gimplib.data.datasets import BagDataset, WindowDataset
-
     if input not in ("bag", "window"):
         raise ValueError(f"input must be 'bag' or 'window', got {input!r}")
     if not cohort.has_slides:

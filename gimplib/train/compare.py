@@ -9,24 +9,27 @@ asked, into ``<out_root>/<recipe>/[fold_<k>/]seed_<s>/``; :func:`read_runs` read
 ``metrics.json`` back and :func:`render_table` lays them out as mean +- sd beside the
 paper's numbers. No figure in a table is typed in: each comes from a file a run wrote.
 
-Recipes:
-    * ``baseline``: a registered system (:data:`gimplib.models.baselines.BASELINES`) trained
-      end to end with cross-entropy plus its own auxiliary loss (:func:`train_baseline`).
-    * ``aggregator``: GiMP's patch aggregator with the MLP head, trained supervised on slides
-      alone, no pre-training (:func:`finetune` without a checkpoint): Table 1's "GiMP w/o
-      GroupMSA", which the paper places in the pathology block without pre-training.
-    * ``fusion``: GiMP's aggregator and a gene encoder trained together with labels on the
-      concatenated class tokens, no pre-training (``gimp_fusion``): Table 1's "GiMP w/o
-      pre-training" and Table 2's first two rows.
-    * ``gimp``: a supervised gene encoder (when the row uses genes), pre-training with MPM
-      and/or the triplet loss (:func:`pretrain_gimp`; without a gene encoder the triplets
-      are built from ``CLS_img`` alone), then fine-tuning on ``CLS_pat`` (image + genes) when
-      the row has a gene encoder, on ``CLS_img`` when it has none (Table 2 "aggregator +
-      MPM", "aggregator + triplet").
-    * ``pretrain_baseline``: an image-gene pre-training baseline (BioViL-, MGCA-,
+Recipes, by the task that trains them (:data:`RECIPES`):
+    * ``train_baseline``: a registered system (:data:`gimplib.models.baselines.SYSTEMS`, blocks
+      ``pathology`` and ``fusion``) trained end to end with cross-entropy plus its own
+      auxiliary loss (:func:`~gimplib.train.train_baseline`). GiMP's aggregator and a gene
+      encoder trained together on the concatenated class tokens, no pre-training
+      (``gimp_fusion``), is one of them: Table 1's "GiMP w/o pre-training" and Table 2's first
+      two rows (recipes ``fusion_snn``, ``fusion_groupmsa``).
+    * ``finetune``: GiMP's patch aggregator with the MLP head, trained supervised on slides
+      alone, no pre-training (:func:`~gimplib.train.finetune` without a checkpoint): Table 1's
+      "GiMP w/o GroupMSA", which the paper places in the pathology block.
+    * ``pretrain_baseline``: a registered system of the ``pretraining`` block (BioViL-, MGCA-,
       REFERS-style) on the same windows, from the supervised GroupMSA of the same seed, then
-      the same image + genes fine-tuning as GiMP (Table 1 puts them in the pathology +
-      genomic block with pre-training).
+      the same image + genes fine-tuning as GiMP (Table 1's pathology + genomic block with
+      pre-training).
+    * ``pretrain_gimp``: a supervised gene encoder (when the row uses genes), pre-training with
+      MPM and/or the triplet loss (:func:`~gimplib.train.pretrain_gimp`; without a gene encoder
+      the triplets are built from ``CLS_img`` alone), then fine-tuning on ``CLS_pat`` (image +
+      genes) when the row has a gene encoder, on ``CLS_img`` when it has none (Table 2
+      "aggregator + MPM", "aggregator + triplet").
+
+The registered systems' recipes are read off the registry; only GiMP's own are written here.
 """
 
 from __future__ import annotations
@@ -36,14 +39,19 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from gimplib.data.bags import bag_cache_info, set_bag_cache
 from gimplib.metrics import mean_sd
+from gimplib.models.baselines import BLOCKS, SYSTEMS
+from gimplib.train.options import TrainOptions
+from gimplib.train.pretraining import finetune, pretrain_baseline, pretrain_gimp
+from gimplib.train.tasks import train_baseline, train_gene_encoder
 from gimplib.utils import load_json
 
 __all__ = [
@@ -52,6 +60,7 @@ __all__ = [
     "recipe_facts",
     "ROWS",
     "Job",
+    "Recipe",
     "Row",
     "SweepConfig",
     "paper_claims",
@@ -69,7 +78,8 @@ class Row:
 
     Attributes:
         table: ``"table1"`` or ``"table2"``.
-        group: the block of the table (Table 1: modality and pre-training; Table 2: "ablation").
+        group: the block of the table (Table 1: a heading of
+            :data:`~gimplib.models.baselines.BLOCKS`; Table 2: "ablation").
         label: the row's name as the paper gives it.
         recipe: key of :data:`RECIPES`.
         paper_accuracy: the paper's TCGA-NSCLC test accuracy for the row (Tables 1 and 2; the
@@ -85,8 +95,7 @@ class Row:
     ours: bool = False
 
 
-_PATH, _FUSE, _PRE = "pathology, no pre-training", "pathology + genomic, no pre-training", \
-    "pathology + genomic, pre-training"
+_PATH, _FUSE, _PRE = BLOCKS["pathology"], BLOCKS["fusion"], BLOCKS["pretraining"]
 
 ROWS: tuple[Row, ...] = (
     Row("table1", _PATH, "ABMIL", "abmil", 0.7737),
@@ -111,18 +120,25 @@ ROWS: tuple[Row, ...] = (
     Row("table2", "ablation", "aggregator + GroupMSA + triplet + MPM (GiMP)", "gimp", 0.9974),
 )
 
-#: recipe -> (kind, options); see the module docstring for the kinds.
-RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
-    **{name: ("baseline", {"name": name})
-       for name in ("abmil", "dsmil", "clam_sb", "clam_mb", "transmil", "porpoise", "pathomic", "mcat")},
-    "aggregator": ("aggregator", {}),
-    "fusion_snn": ("fusion", {"gene": "snn"}),
-    "fusion_groupmsa": ("fusion", {"gene": "groupmsa"}),
-    **{name: ("pretrain_baseline", {"name": name, "gene": "groupmsa"}) for name in ("biovil", "mgca", "refers")},
-    "pre_mpm": ("gimp", {"gene": None, "mpm": True, "triplet": False}),
-    "pre_tri": ("gimp", {"gene": None, "mpm": False, "triplet": True}),
-    "pre_groupmsa_tri": ("gimp", {"gene": "groupmsa", "mpm": False, "triplet": True}),
-    "gimp": ("gimp", {"gene": "groupmsa", "mpm": True, "triplet": True}),
+class Recipe(NamedTuple):
+    """How one row is trained: the task that trains it (``"train_baseline"``, ``"finetune"``,
+    ``"pretrain_baseline"`` or ``"pretrain_gimp"``) and its options (``name``: the registered
+    system; ``gene``: the gene encoder, None or ``"snn"`` / ``"groupmsa"``; ``mpm``, ``triplet``:
+    GiMP's pre-training losses)."""
+
+    trainer: str
+    options: dict[str, Any]
+
+
+#: recipe -> :class:`Recipe`: the registered systems' recipes (read off the registry), then GiMP's own.
+RECIPES: dict[str, Recipe] = {
+    **{recipe: Recipe(system.trainer, {"name": name, **opts})
+       for name, system in SYSTEMS.items() for recipe, opts in system.recipes.items()},
+    "aggregator": Recipe("finetune", {}),
+    "pre_mpm": Recipe("pretrain_gimp", {"gene": None, "mpm": True, "triplet": False}),
+    "pre_tri": Recipe("pretrain_gimp", {"gene": None, "mpm": False, "triplet": True}),
+    "pre_groupmsa_tri": Recipe("pretrain_gimp", {"gene": "groupmsa", "mpm": False, "triplet": True}),
+    "gimp": Recipe("pretrain_gimp", {"gene": "groupmsa", "mpm": True, "triplet": True}),
 }
 
 #: The paper's TCGA-NSCLC accuracies by (table, row label), from :data:`ROWS`. Table 2's last
@@ -142,23 +158,17 @@ def recipe_facts(recipe: str) -> dict[str, Any]:
         ``triplet`` (None, ``"image"``: triplets on ``CLS_img``, or ``"image+genes"``: on
         ``concat(CLS_img, CLS_ge)``) and ``finetune_inputs`` (``"image"`` or ``"image+genes"``).
     """
-    from gimplib.models.baselines import BASELINE_KINDS
-
-    kind, opt = RECIPES[recipe]
-    if kind == "baseline":
-        genes = BASELINE_KINDS[opt["name"]] == "fusion"
-        return dict(gene_encoder=opt["name"] if genes else None, pretraining=None, mpm=False, triplet=None,
-                    finetune_inputs="image+genes" if genes else "image")
-    if kind == "aggregator":
-        return dict(gene_encoder=None, pretraining=None, mpm=False, triplet=None, finetune_inputs="image")
-    if kind == "fusion":
-        return dict(gene_encoder=opt["gene"], pretraining=None, mpm=False, triplet=None, finetune_inputs="image+genes")
-    if kind == "pretrain_baseline":
-        return dict(gene_encoder=opt["gene"], pretraining=opt["name"], mpm=False, triplet=None,
-                    finetune_inputs="image+genes")
-    triplet = None if not opt["triplet"] else ("image+genes" if opt["gene"] else "image")
-    return dict(gene_encoder=opt["gene"], pretraining="gimp", mpm=opt["mpm"], triplet=triplet,
-                finetune_inputs="image+genes" if opt["gene"] else "image")
+    trainer, opt = RECIPES[recipe]
+    system = SYSTEMS[opt["name"]] if "name" in opt else None
+    # a fusion system reads genes through its own encoder, named after it; GiMP's through the recipe's
+    gene = opt.get("gene") or (system.name if system is not None and system.reads_genes else None)
+    inputs = "image+genes" if gene else "image"
+    if trainer in ("train_baseline", "finetune"):
+        return dict(gene_encoder=gene, pretraining=None, mpm=False, triplet=None, finetune_inputs=inputs)
+    if trainer == "pretrain_baseline":
+        return dict(gene_encoder=gene, pretraining=opt["name"], mpm=False, triplet=None, finetune_inputs=inputs)
+    return dict(gene_encoder=gene, pretraining="gimp", mpm=opt["mpm"], triplet=inputs if opt["triplet"] else None,
+                finetune_inputs=inputs)
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,11 @@ class SweepConfig:
     progress: bool = False
     overwrite: bool = False
 
+    def options(self, **fields: Any) -> TrainOptions:
+        """The :class:`~gimplib.train.options.TrainOptions` every run of the sweep shares, with ``fields``."""
+        return TrainOptions(lr=self.lr, weight_decay=self.weight_decay, device=self.device, overwrite=self.overwrite,
+                            progress=self.progress, **fields)
+
     def aggregator(self) -> dict[str, Any]:
         return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
                     num_landmarks=self.num_landmarks)
@@ -237,20 +252,10 @@ class SweepConfig:
         return dict(embed_dim=width)
 
     def baseline_kwargs(self, name: str) -> dict[str, Any]:
-        """Each system's own width arguments, scaled with ``embed_dim``; at ``embed_dim=512`` (the
-        paper's scale) every published system is its official default architecture (MCAT: 256)."""
-        return {
-            "abmil": dict(embed_dim=self.embed_dim),
-            "clam_sb": dict(embed_dim=self.embed_dim),
-            "clam_mb": dict(embed_dim=self.embed_dim),
-            "transmil": dict(embed_dim=self.embed_dim, num_heads=self.num_heads, num_landmarks=self.num_landmarks),
-            # PORPOISE's gates shrink its 256-d embeddings by `scale` (8); at 512 (the paper's
-            # scale) this is the official model, and a smaller demo keeps the gates 8+ wide
-            "porpoise": dict(embed_dim=self.embed_dim, scale=max(1, min(8, self.embed_dim // 64))),
-            # MCAT's official width is 256 at d = 512; at least 32, so that a small demo's heads keep
-            # 8 dimensions (at 16 wide, 4 heads, it predicted one class on every demo seed)
-            "mcat": dict(embed_dim=max(32, self.embed_dim // 2), num_heads=self.num_heads),
-        }.get(name, {})
+        """A registered system's constructor arguments at this sweep's widths (its record's
+        ``widths``); at ``embed_dim=512`` (the paper's scale) every published system is its
+        official default architecture (MCAT: 256)."""
+        return SYSTEMS[name].widths(**self.aggregator())
 
 
 @dataclass(frozen=True, order=True)
@@ -267,15 +272,9 @@ class Job:
 
 
 def unavailable(recipe: str) -> str | None:
-    """Why ``recipe`` cannot run in this installation (its system is not registered), or None."""
-    from gimplib.models.baselines import BASELINES
-
+    """Why ``recipe`` cannot run (it is not a known recipe), or None."""
     if recipe not in RECIPES:
         return f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}"
-    kind, opt = RECIPES[recipe]
-    name = opt.get("name", "gimp_fusion" if kind == "fusion" else None)
-    if name is not None and name not in BASELINES:
-        return f"{name!r} is not registered in gimplib.models.baselines.BASELINES"
     return None
 
 
@@ -285,13 +284,10 @@ def _gene_dir(out_root: Path, gene: str, seed: int, fold: int | None) -> Path:
 
 def _train_gene_encoder(cohort: Any, split: Mapping, gene: str, seed: int, fold: int | None, out_root: Path,
                         cfg: SweepConfig) -> Path:
-    from gimplib.train.tasks import train_gene_encoder
-
     return train_gene_encoder(
-        cohort, split, encoder=gene, encoder_kwargs=cfg.gene_kwargs(gene), num_epochs=cfg.gene_epochs,
-        clip=cfg.gene_clip, gene_order=cfg.gene_order,
-        batch_size=32, seed=seed, out_dir=_gene_dir(out_root, gene, seed, fold), lr=cfg.lr,
-        weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite, progress=cfg.progress,
+        cohort, split, encoder=gene, encoder_kwargs=cfg.gene_kwargs(gene), clip=cfg.gene_clip,
+        gene_order=cfg.gene_order, out_dir=_gene_dir(out_root, gene, seed, fold),
+        options=cfg.options(num_epochs=cfg.gene_epochs, batch_size=32, seed=seed),
     ).checkpoint
 
 
@@ -302,45 +298,42 @@ def run_recipe(job: Job, cohort: Any, split: Mapping[str, Sequence[str]], *, out
     A recipe that needs a supervised gene encoder uses ``gene_ckpt``, or else the one of its
     seed (and fold) under ``<out_root>/genes_<encoder>/``, trained here if not there yet.
     """
-    from gimplib.train.pretraining import finetune, pretrain_baseline, pretrain_gimp
-    from gimplib.train.tasks import train_baseline
-
     cfg, out_root = config, Path(out_root)
     if (reason := unavailable(job.recipe)) is not None:
         raise ValueError(f"recipe {job.recipe!r} cannot run: {reason}")
-    kind, opt = RECIPES[job.recipe]
+    trainer, opt = RECIPES[job.recipe]
     out = job.out_dir(out_root)
-    runtime = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, device=cfg.device, overwrite=cfg.overwrite,
-                   progress=cfg.progress)
-    fit = dict(input=cfg.input, window_len=cfg.window_len, max_patches=cfg.max_patches,
-               num_epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, seed=job.seed, out_dir=out, **runtime)
-    if kind == "baseline":
-        if cfg.baseline_lr is not None:
-            fit["lr"] = cfg.baseline_lr
-        genes = dict(clip=cfg.gene_clip, gene_order=cfg.gene_order)  # only read by the fusion systems
-        train_baseline(opt["name"], cohort, split, model_kwargs=cfg.baseline_kwargs(opt["name"]), **genes, **fit)
+    bags = dict(input=cfg.input, window_len=cfg.window_len, max_patches=cfg.max_patches, out_dir=out)
+    supervised = cfg.options(num_epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, seed=job.seed)
+    if trainer == "train_baseline":
+        system = SYSTEMS[opt["name"]]
+        model_kwargs = cfg.baseline_kwargs(system.name)
+        if opt.get("gene") is not None:  # GiMP's encoders fused: the recipe names the gene encoder
+            model_kwargs.update(gene_encoder=opt["gene"], gene_kwargs=cfg.gene_kwargs(opt["gene"]))
+        if system.published and cfg.baseline_lr is not None:
+            supervised = replace(supervised, lr=cfg.baseline_lr)
+        # the gene transform settings are only read by the systems that read genes
+        train_baseline(system.name, cohort, split, model_kwargs=model_kwargs, clip=cfg.gene_clip,
+                       gene_order=cfg.gene_order, options=supervised, **bags)
         return out
-    if kind == "fusion":
-        model_kwargs = dict(cfg.aggregator(), gene_encoder=opt["gene"], gene_kwargs=cfg.gene_kwargs(opt["gene"]))
-        train_baseline("gimp_fusion", cohort, split, model_kwargs=model_kwargs, clip=cfg.gene_clip,
-                       gene_order=cfg.gene_order, **fit)
-        return out
-    if kind == "aggregator":  # supervised on slides alone, no pre-training
-        finetune(cohort, split, aggregator_kwargs=cfg.aggregator(), **fit)
+    if trainer == "finetune":  # the aggregator, supervised on slides alone, no pre-training
+        finetune(cohort, split, aggregator_kwargs=cfg.aggregator(), options=supervised, **bags)
         return out
     if opt["gene"] is None:
         gene_ckpt = None
     elif gene_ckpt is None:
         gene_ckpt = _train_gene_encoder(cohort, split, opt["gene"], job.seed, job.fold, out_root, cfg)
-    pre = dict(gene_encoder_ckpt=gene_ckpt, window_len=cfg.window_len, num_epochs=cfg.pretrain_epochs,
-               batch_size=cfg.pretrain_batch_size, seed=job.seed, out_dir=out / "pretrain", **runtime)
-    if kind == "pretrain_baseline":
-        pretrained = pretrain_baseline(opt["name"], cohort, split, model_kwargs=cfg.aggregator(), **pre).checkpoint
+    pre = dict(gene_encoder_ckpt=gene_ckpt, window_len=cfg.window_len, out_dir=out / "pretrain",
+               options=cfg.options(num_epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, seed=job.seed))
+    if trainer == "pretrain_baseline":
+        pretrained = pretrain_baseline(opt["name"], cohort, split, model_kwargs=cfg.baseline_kwargs(opt["name"]),
+                                       **pre).checkpoint
     else:
         model_kwargs = dict(cfg.aggregator(), use_mpm=opt["mpm"], use_triplet=opt["triplet"],
                             decoder_hidden=cfg.decoder_hidden, rec_reduction=cfg.rec_reduction)
         pretrained = pretrain_gimp(cohort, split, model_kwargs=model_kwargs, **pre).checkpoint
-    finetune(cohort, split, pretrained_ckpt=pretrained, freeze_gene_encoder=not cfg.finetune_gene_encoder, **fit)
+    finetune(cohort, split, pretrained_ckpt=pretrained, freeze_gene_encoder=not cfg.finetune_gene_encoder,
+             options=supervised, **bags)
     return out
 
 
@@ -350,8 +343,6 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(cohort: Any, bag_cache_gb: float, threads: int) -> None:
-    from gimplib.data.bags import set_bag_cache
-
     torch.set_num_threads(threads)
     set_bag_cache(bag_cache_gb)
     _WORKER["cohort"] = cohort
@@ -407,8 +398,6 @@ def run_sweep(
     With ``n_jobs > 1`` the workers are spawned (not forked), so a script that calls this
     must do so under ``if __name__ == "__main__":``, as for any ``multiprocessing`` code.
     """
-    from gimplib.data.bags import bag_cache_info, set_bag_cache
-
     recipes = list(dict.fromkeys(recipes))
     for recipe in recipes:
         if (reason := unavailable(recipe)) is not None:
@@ -421,8 +410,8 @@ def run_sweep(
     jobs = [Job(r, int(s), f) for r in recipes for f in split_of for s in seeds]
 
     def gene_of(job: Job) -> tuple | None:  # the supervised gene encoder a job starts from
-        kind, opt = RECIPES[job.recipe]
-        needs = kind in ("gimp", "pretrain_baseline") and opt["gene"] is not None
+        trainer, opt = RECIPES[job.recipe]
+        needs = trainer in ("pretrain_gimp", "pretrain_baseline") and opt["gene"] is not None
         return (opt["gene"], job.seed, job.fold) if needs else None
 
     gene_ckpts: dict[tuple | None, Path | None] = {None: None}
@@ -522,9 +511,14 @@ def render_table(runs: pd.DataFrame, table: str, *, ours: str = "ours",
 
 # --------------------------------------------------------------------------- the paper's claims
 
-_IMAGE_MIL = ("abmil", "dsmil", "clam_sb", "clam_mb", "transmil")
-_FUSION = ("porpoise", "pathomic", "mcat", "fusion_groupmsa")
-_IMAGE_GENE_PRETRAINING = ("mgca", "biovil", "refers")
+def _table1_rows(block: str, *, but: str) -> tuple[str, ...]:
+    """The recipes of one block of Table 1, in the table's order, without GiMP's own row ``but``."""
+    return tuple(r.recipe for r in ROWS if r.table == "table1" and r.group == BLOCKS[block] and r.recipe != but)
+
+
+_IMAGE_MIL = _table1_rows("pathology", but="aggregator")
+_FUSION = tuple(r.recipe for r in ROWS if r.table == "table1" and r.group == BLOCKS["fusion"])
+_IMAGE_GENE_PRETRAINING = _table1_rows("pretraining", but="gimp")
 
 
 def _row_stats(runs: pd.DataFrame, recipes: Sequence[str], pick: str) -> tuple[str, float, float, int] | None:

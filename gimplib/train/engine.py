@@ -17,8 +17,10 @@ and the model is wrapped in ``DistributedDataParallel``; rank 0 evaluates and wr
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -219,9 +221,6 @@ def _terminal_stream() -> Any:
     """The terminal's stderr, past a Jupyter kernel's capture: ipykernel forwards fd 2 into the
     notebook, but its ``sys.stderr.fileno()`` is a copy of the original stream (plain Python:
     fd 2 itself). Opened once per process."""
-    import io
-    import sys
-
     if not _TERMINAL:
         try:
             _TERMINAL.append(os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1))
@@ -239,6 +238,7 @@ def _progress(loader: Iterable, desc: str, show: bool, *, terminal: bool) -> Ite
     if stream is not None:
         return terminal_tqdm(loader, desc=desc, leave=False, disable=False, file=stream, mininterval=1.0)
     return loader
+
 
 def fit(
     model: nn.Module,
@@ -314,17 +314,75 @@ def fit(
         raise ValueError("num_epochs, accumulate and batch_size must be >= 1")
     if exists(select) and not exists(eval_fn):
         raise ValueError("select needs an eval_fn")
-    out_dir = Path(out_dir)
+    run = _start(model, train_data, out_dir=Path(out_dir), config=config, device=device, seed=seed,
+                 batch_size=batch_size, accumulate=accumulate, lr=lr, weight_decay=weight_decay,
+                 num_epochs=num_epochs, warmup_epochs=warmup_epochs, extras=extras, desc=desc,
+                 find_unused_parameters=find_unused_parameters)
+    start_epoch, history, best = _resume(run)
+    for epoch in range(start_epoch, num_epochs):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
+        row.update(_train_epoch(run, train_data, epoch, step_fn=step_fn, batch_size=batch_size, collate_fn=collate_fn,
+                                num_workers=num_workers, seed=seed, accumulate=accumulate, grad_clip=grad_clip,
+                                amp=amp, progress=progress, bar_desc=f"{desc} {epoch + 1}/{num_epochs}"))
+        metrics = _evaluate(run, eval_fn, amp)
+        if exists(metrics):
+            row.update(metrics)
+        row["time_s"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        best = _save_epoch(run, epoch, history, best, metrics, select=select, mode=mode)
+        for cb in callbacks:
+            cb(epoch, row)
+
+    return FitResult(
+        model=run.model,
+        history=pd.DataFrame(history),
+        best=best,
+        last_path=run.last_path,
+        best_path=run.best_path if exists(select) else None,
+        device=run.device,
+        dist=run.info,
+    )
+
+
+@dataclass
+class _Run:
+    """What the pieces of one :func:`fit` call share."""
+
+    model: nn.Module  # the unwrapped model (evaluated and saved)
+    train_model: nn.Module  # the model trained (DDP-wrapped under torchrun)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: DistributedSampler
+    n_batches: int
+    device: torch.device
+    info: DistInfo
+    out_dir: Path
+    config: dict[str, Any]
+    extras: Mapping[str, Any]
+    desc: str
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / BEST
+
+
+def _start(model: nn.Module, train_data: Dataset, *, out_dir: Path, config: Mapping[str, Any],
+           device: str | torch.device, seed: int, batch_size: int, accumulate: int, lr: float, weight_decay: float,
+           num_epochs: int, warmup_epochs: float, extras: Mapping[str, Any] | None, desc: str,
+           find_unused_parameters: bool) -> _Run:
+    """Device and process group, the model on it (wrapped under DDP), sampler, optimiser, schedule."""
     device = get_device(device)
     info = dist_info(device)
     if info.distributed and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    config = normalize_config(config)
-    last_path, best_path = out_dir / CHECKPOINT, out_dir / BEST
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-
     model.to(device)
     train_model: nn.Module = model
     if info.distributed:
@@ -341,116 +399,129 @@ def fit(
     scheduler = cosine_schedule(
         optimizer, total_steps=num_epochs * steps_per_epoch, warmup_steps=round(warmup_epochs * steps_per_epoch)
     )
+    return _Run(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                n_batches=n_batches, device=device, info=info, out_dir=out_dir, config=normalize_config(config),
+                extras=dict(extras or {}), desc=desc)
 
+
+def _resume(run: _Run) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
+    """(first epoch to train, history so far, best so far): from ``checkpoint.pt`` when there is one."""
     start_epoch, history, best = 0, [], None
-    _barrier(info)  # rank 0 may still be clearing the folder (overwrite=True)
-    if last_path.exists():
-        ckpt = load_checkpoint(last_path, expected_config=config, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+    _barrier(run.info)  # rank 0 may still be clearing the folder (overwrite=True)
+    if run.last_path.exists():
+        ckpt = load_checkpoint(run.last_path, expected_config=run.config, map_location=run.device)
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_epoch, history, best = ckpt["epoch"] + 1, list(ckpt["history"]), ckpt.get("best")
-    _barrier(info)
+    _barrier(run.info)
+    return start_epoch, history, best
 
-    for epoch in range(start_epoch, num_epochs):
-        t0 = time.perf_counter()
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        sampler.set_epoch(epoch)
-        if hasattr(train_data, "set_epoch"):
-            train_data.set_epoch(epoch)
-        loader = DataLoader(
-            train_data,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=collate_fn,
-            num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
-            pin_memory=device.type == "cuda",
-        )
-        train_model.train()
-        sums: dict[str, float] = {}
-        bar = _progress(loader, f"{desc} {epoch + 1}/{num_epochs}", progress and info.is_main,
-                        terminal=info.is_main and os.environ.get(TERMINAL_PROGRESS) == "1")
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
-            group_start = (i // accumulate) * accumulate
-            group_size = min(accumulate, n_batches - group_start)
-            last_in_group = i == group_start + group_size - 1
-            sync = train_model.no_sync() if info.distributed and not last_in_group else nullcontext()
-            with sync:
-                with autocast_context(device, amp):
-                    out = step_fn(train_model, to_device(batch, device))
-                loss = out["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                if info.distributed:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
-                    done = f"the last good checkpoint is {last_path} (epoch {epoch - 1})"
-                    if epoch == 0:
-                        done = "no epoch finished, so there is no checkpoint"
-                    raise NonFiniteLossError(
-                        f"{desc}: non-finite loss ({loss.item()}) at epoch {epoch} (0-based), step {i} "
-                        f"of {n_batches}, run {out_dir}; {done}. Try a lower lr, grad_clip, or check the inputs."
-                    )
-                (loss / group_size).backward()
-            if last_in_group:
-                if exists(grad_clip):
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", refresh=False)
-        if hasattr(bar, "close"):
-            bar.close()
 
-        means = torch.tensor([sums[k] / n_batches for k in sorted(sums)], dtype=torch.float64)
-        if info.distributed:
-            dist.all_reduce(means)
-            means /= info.world_size
-        row: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr}
-        row.update({f"train_{k}": float(v) for k, v in zip(sorted(sums), means.tolist())})
+def _train_epoch(run: _Run, train_data: Dataset, epoch: int, *, step_fn: Callable[[nn.Module, Any], Mapping],
+                 batch_size: int, collate_fn: Callable | None, num_workers: int, seed: int, accumulate: int,
+                 grad_clip: float | None, amp: str, progress: bool, bar_desc: str) -> dict[str, float]:
+    """One pass over the training data; returns the epoch means ``{"train_<key>": value}`` of
+    ``step_fn``'s outputs (averaged over ranks).
 
-        metrics = None
-        if exists(eval_fn) and info.is_main:
-            model.eval()
-            with torch.no_grad(), autocast_context(device, amp):
-                metrics = {k: float(v) for k, v in eval_fn(model).items()}
-        metrics = _broadcast(metrics, info)
-        if exists(metrics):
-            row.update(metrics)
-        row["time_s"] = round(time.perf_counter() - t0, 3)
-        history.append(row)
-
-        if info.is_main:
-            if exists(select):
-                if select not in metrics:
-                    raise KeyError(f"select={select!r} is not among the eval metrics {sorted(metrics)}")
-                if _is_better(metrics, best, select, mode):
-                    best = {"epoch": epoch, "score": metrics[select], "metrics": metrics}
-                    save_checkpoint(best_path, {"model": model.state_dict(), "config": config, "epoch": epoch,
-                                                "metrics": metrics, **dict(extras or {})})
-            with atomic_path(out_dir / HISTORY) as tmp:
-                pd.DataFrame(history).to_csv(tmp, index=False)
-            save_checkpoint(last_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
-                "config": config, "history": history, "best": best, **dict(extras or {}),
-            })
-        best = _broadcast(best, info)
-        _barrier(info)
-        for cb in callbacks:
-            cb(epoch, row)
-
-    return FitResult(
-        model=model,
-        history=pd.DataFrame(history),
-        best=best,
-        last_path=last_path,
-        best_path=best_path if exists(select) else None,
-        device=device,
-        dist=info,
+    Raises:
+        NonFiniteLossError: a loss was NaN/inf (on any rank).
+    """
+    info, device, n_batches = run.info, run.device, run.n_batches
+    run.sampler.set_epoch(epoch)
+    if hasattr(train_data, "set_epoch"):
+        train_data.set_epoch(epoch)
+    loader = DataLoader(
+        train_data,
+        batch_size=batch_size,
+        sampler=run.sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+        pin_memory=device.type == "cuda",
     )
+    run.train_model.train()
+    sums: dict[str, float] = {}
+    bar = _progress(loader, bar_desc, progress and info.is_main,
+                    terminal=info.is_main and os.environ.get(TERMINAL_PROGRESS) == "1")
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(bar):
+        group_start = (i // accumulate) * accumulate
+        group_size = min(accumulate, n_batches - group_start)
+        last_in_group = i == group_start + group_size - 1
+        sync = run.train_model.no_sync() if info.distributed and not last_in_group else nullcontext()
+        with sync:
+            with autocast_context(device, amp):
+                out = step_fn(run.train_model, to_device(batch, device))
+            loss = out["loss"]
+            _check_finite(run, loss, epoch, i)
+            (loss / group_size).backward()
+        if last_in_group:
+            if exists(grad_clip):
+                nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", refresh=False)
+    if hasattr(bar, "close"):
+        bar.close()
+
+    means = torch.tensor([sums[k] / n_batches for k in sorted(sums)], dtype=torch.float64)
+    if info.distributed:
+        dist.all_reduce(means)
+        means /= info.world_size
+    return {f"train_{k}": float(v) for k, v in zip(sorted(sums), means.tolist())}
+
+
+def _check_finite(run: _Run, loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop on a NaN/inf loss (on any rank), naming the epoch, step and the last good checkpoint."""
+    finite = torch.isfinite(loss.detach()).float()
+    if run.info.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        done = f"the last good checkpoint is {run.last_path} (epoch {epoch - 1})"
+        if epoch == 0:
+            done = "no epoch finished, so there is no checkpoint"
+        raise NonFiniteLossError(
+            f"{run.desc}: non-finite loss ({loss.item()}) at epoch {epoch} (0-based), step {step} "
+            f"of {run.n_batches}, run {run.out_dir}; {done}. Try a lower lr, grad_clip, or check the inputs."
+        )
+
+
+def _evaluate(run: _Run, eval_fn: Callable[[nn.Module], Mapping[str, float]] | None,
+              amp: str) -> dict[str, float] | None:
+    """``eval_fn`` on rank 0 with the unwrapped model in eval mode, shared with every rank (None without one)."""
+    metrics = None
+    if exists(eval_fn) and run.info.is_main:
+        run.model.eval()
+        with torch.no_grad(), autocast_context(run.device, amp):
+            metrics = {k: float(v) for k, v in eval_fn(run.model).items()}
+    return _broadcast(metrics, run.info)
+
+
+def _save_epoch(run: _Run, epoch: int, history: list[dict[str, Any]], best: dict[str, Any] | None,
+                metrics: Mapping[str, float] | None, *, select: str | None, mode: str) -> dict[str, Any] | None:
+    """Rank 0 writes ``best.pt`` (when this epoch is the best on ``select``), ``metrics.csv`` and
+    ``checkpoint.pt`` (everything a resume needs); returns the best epoch so far, on every rank."""
+    if run.info.is_main:
+        if exists(select):
+            if select not in metrics:
+                raise KeyError(f"select={select!r} is not among the eval metrics {sorted(metrics)}")
+            if _is_better(metrics, best, select, mode):
+                best = {"epoch": epoch, "score": metrics[select], "metrics": metrics}
+                save_checkpoint(run.best_path, {"model": run.model.state_dict(), "config": run.config, "epoch": epoch,
+                                                "metrics": metrics, **run.extras})
+        with atomic_path(run.out_dir / HISTORY) as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+        save_checkpoint(run.last_path, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
+            "config": run.config, "history": history, "best": best, **run.extras,
+        })
+    best = _broadcast(best, run.info)
+    _barrier(run.info)
+    return best

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gimplib.data.datasets import BagDataset, WindowDataset
+from gimplib.data.genes import GeneTransform
+from gimplib.models.aggregator import PatchAggregator
+from gimplib.models.any_modality import AnyModalityClassifier
+from gimplib.models.baselines import build_baseline
 from gimplib.models.gene_encoders import build_gene_encoder
+from gimplib.models.gimp import GiMP, GiMPClassifier
 from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import gene_matrix
 from gimplib.utils import exists, get_device
@@ -23,16 +29,17 @@ class Task(nn.Module):
 
     Args:
         net: the model.
-        kind: ``"genes"`` (``net.classify(genes)``), ``"pretrain"`` (``net.pretrain_step``),
-            ``"classifier"`` (``net(feats, mask, genes)``, a :class:`GiMPClassifier`) or
-            ``"baseline"`` (the baseline contract).
+        entry: which of the net's entry points ``forward`` runs: ``"genes"``
+            (``net.classify(genes)``), ``"pretrain"`` (``net.pretrain_step``), ``"classifier"``
+            (``net(feats, mask, genes)``, a :class:`GiMPClassifier`) or ``"baseline"`` (the
+            baseline contract).
 
     ``state_dict`` / ``load_state_dict`` are the model's own, so checkpoints carry its keys.
     """
 
-    def __init__(self, net: nn.Module, kind: str) -> None:
+    def __init__(self, net: nn.Module, entry: str) -> None:
         super().__init__()
-        self.net, self.kind = net, kind
+        self.net, self.entry = net, entry
 
     # checkpoints hold the model's own keys ("aggregator.proj.weight", not "net.aggregator...")
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -42,11 +49,11 @@ class Task(nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, batch: Mapping[str, Any], with_y: bool = True) -> dict[str, torch.Tensor]:
-        if self.kind == "genes":
+        if self.entry == "genes":
             return {"logits": self.net.classify(batch["genes"])}
-        if self.kind == "pretrain":
+        if self.entry == "pretrain":
             return dict(self.net.pretrain_step(batch["feats"], batch["mask"], batch.get("genes"), batch["y"]))
-        if self.kind == "classifier":
+        if self.entry == "classifier":
             return {"logits": self.net(batch["feats"], batch["mask"], genes=batch.get("genes"))}
         out = self.net(batch["feats"], mask=batch["mask"], genes=batch.get("genes"), y=batch["y"] if with_y else None)
         return {"logits": out["logits"], "loss_aux": out["loss_aux"]}
@@ -56,8 +63,6 @@ def build_gimp(config: Mapping[str, Any], in_dim: int, *, load_weights: bool) ->
     """A :class:`GiMP` from a pretraining config; the gene encoder's weights are loaded from its
     checkpoint when ``load_weights`` (a new run), else only its structure is built (they are then
     part of the GiMP checkpoint being loaded)."""
-    from gimplib.models.gimp import GiMP
-
     gene_cfg = config["gene_encoder"]
     encoder = None
     if exists(gene_cfg):
@@ -87,8 +92,6 @@ def gene_encoder_spec(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def load_gene_transform(path: str | os.PathLike) -> Any:
     """The fitted :class:`~gimplib.data.genes.GeneTransform` stored in a checkpoint, or None."""
-    from gimplib.data.genes import GeneTransform
-
     ckpt = load_checkpoint(path)
     return GeneTransform.from_state_dict(ckpt["gene_transform"]) if "gene_transform" in ckpt else None
 
@@ -106,38 +109,29 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     task = cfg.get("task")
     in_dim = cfg["cohort"]["feat_dim"]
     if task == "genes":
-        net, kind = build_gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
+        net, entry = build_gene_encoder(cfg["encoder"], **ckpt["build"]), "genes"
     elif task == "pretrain":
-        net, kind = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
+        net, entry = build_gimp(cfg, in_dim, load_weights=False), "pretrain"
     elif task == "finetune":
-        from gimplib.models.aggregator import PatchAggregator
-        from gimplib.models.gimp import GiMPClassifier
-
         spec = cfg.get("gene_encoder")
         encoder = build_gene_encoder(spec["encoder"], **spec["build"]) if exists(spec) else None
         kwargs = dict(aggregator=PatchAggregator(**cfg["aggregator_kwargs"]), gene_encoder=encoder,
                       num_classes=len(cfg["cohort"]["label_names"]),
                       freeze_gene_encoder=cfg.get("freeze_gene_encoder", True), **cfg["head_kwargs"])
         if cfg.get("modality_dropout"):  # our missing-modality extension
-            from gimplib.models.any_modality import AnyModalityClassifier
-
             net = AnyModalityClassifier(modality_dropout=cfg["modality_dropout"], **kwargs)
         else:
             net = GiMPClassifier(**kwargs)
-        kind = "classifier"
+        entry = "classifier"
     elif task == "pretrain_baseline":
-        from gimplib.models.baselines import build_baseline
-
         source = cfg["gene_encoder"]
         encoder = build_gene_encoder(source["encoder"], **source["build"]) if exists(source) else None
-        net, kind = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
+        net, entry = build_baseline(cfg["name"], gene_encoder=encoder, **ckpt["build"]), "pretrain"
     elif task == "baseline":
-        from gimplib.models.baselines import build_baseline
-
-        net, kind = build_baseline(cfg["name"], **ckpt["build"]), "baseline"
+        net, entry = build_baseline(cfg["name"], **ckpt["build"]), "baseline"
     else:
         raise ValueError(f"{path}: unknown task {task!r} in the checkpoint's config")
-    task_module = Task(net, kind)
+    task_module = Task(net, entry)
     task_module.load_state_dict(ckpt["model"])
     return net.to(get_device(device)).eval()
 
@@ -184,9 +178,6 @@ def embed(
     Raises:
         DataError: a case has no expression although the model needs it (the case is named).
     """
-    from gimplib.data.datasets import BagDataset, WindowDataset
-    from gimplib.models.aggregator import PatchAggregator
-
     dev = get_device(device)
     ids = list(case_ids)
     if isinstance(model_or_ckpt, nn.Module):

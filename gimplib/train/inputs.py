@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from gimplib.train.checkpoint import load_checkpoint
 from gimplib.utils import DataError, exists
 
 __all__ = ["INPUTS", "RERUN_HINT", "changed_inputs", "check_upstream", "data_fingerprint", "detail_of", "run_inputs"]
@@ -92,8 +93,6 @@ def check_upstream(cohort: Any, values: Mapping[str, Any]) -> None:
         NotACheckpointError: a ``ckpt`` path is not a gimplib checkpoint.
         DataError: the checkpoint was trained on features of another width (names both).
     """
-    from gimplib.train.checkpoint import load_checkpoint
-
     for path in _upstream_paths(values):
         cfg = load_checkpoint(path)["config"]
         dim = (cfg.get("cohort") or {}).get("feat_dim")

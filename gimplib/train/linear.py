@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from gimplib.metrics import classification_metrics
+from gimplib.train.tasks import _fit_transform, gene_transform_settings
 from gimplib.utils import DataError
 
 __all__ = ["linear_gene_baseline"]
@@ -51,10 +53,6 @@ def linear_gene_baseline(
     Raises:
         DataError: the cohort has no gene table, or the training cases hold one class.
     """
-    from sklearn.linear_model import LogisticRegression
-
-    from gimplib.train.tasks import _fit_transform, gene_transform_settings
-
     if not Cs or any(c <= 0 for c in Cs):
         raise ValueError(f"Cs must be positive numbers, got {list(Cs)}")
     settings = gene_transform_settings(gene_transform=gene_transform, standardize=standardize, top_k_var=top_k_var,

@@ -22,21 +22,19 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from gimplib.models.gimp import GiMP, mpm_reference_l1, random_patch_mask
+from gimplib.data.datasets import WindowDataset, collate_bags
+from gimplib.data.genes import GeneTransform
+from gimplib.models.aggregator import PatchAggregator
+from gimplib.models.any_modality import AnyModalityClassifier
+from gimplib.models.baselines import SYSTEMS, build_baseline, canonical_name, systems_in
+from gimplib.models.gimp import GiMP, GiMPClassifier, mpm_reference_l1, random_patch_mask
 from gimplib.train.checkpoint import load_checkpoint
-from gimplib.train.common import (
-    RunResult,
-    bag_sets,
-    finish_run,
-    fit_gene_transform,
-    gene_matrix,
-    loader_for,
-    prepare_run,
-)
-from gimplib.train.engine import fit, to_device
+from gimplib.train.common import RunResult, bag_sets, finish_run, fit_gene_transform, gene_matrix, loader_for
+from gimplib.train.engine import to_device
 from gimplib.train.inference import Task, build_gimp, gene_encoder_spec, load_gene_transform, load_model
-from gimplib.train.tasks import engine_options, make_config, run_supervised, train_gene_encoder
-from gimplib.utils import DataError, exists, seed_everything
+from gimplib.train.options import TrainOptions
+from gimplib.train.tasks import fit_with, make_config, run_supervised, start_run, train_gene_encoder
+from gimplib.utils import DataError, exists
 
 __all__ = ["finetune", "gimp_pipeline", "pretrain_baseline", "pretrain_gimp"]
 
@@ -49,13 +47,8 @@ def pretrain_gimp(
     gene_encoder_ckpt: str | os.PathLike | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     window_len: int = 6000,
-    num_epochs: int = 100,
-    batch_size: int = 8,
-    device: str = "auto",
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    **common: Any,
+    options: TrainOptions | None = None,
+    **option_kw: Any,
 ) -> RunResult:
     """GiMP pretraining (Sect. 2.3): MPM reconstruction + gene-induced triplets.
 
@@ -72,9 +65,8 @@ def pretrain_gimp(
             ``num_heads``, ``num_landmarks``, ``use_mpm``, ``use_triplet``, ``mask_ratio``,
             ``margin``, ``mining``, ...); ``in_dim`` and the gene encoder are set here.
         window_len: patches per window (paper: 6000).
-        num_epochs, batch_size: training length and windows per batch.
-        device, num_workers, overwrite, progress: runtime options.
-        **common: as for :func:`train_gene_encoder`.
+        options, **option_kw: the shared :class:`TrainOptions` (``num_epochs`` defaults to 100,
+            ``batch_size``, windows per step, to 8), as for :func:`train_gene_encoder`.
 
     Returns:
         :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch) and metrics
@@ -85,24 +77,20 @@ def pretrain_gimp(
         patch of the training windows, which also initialises the decoder's output bias).
     """
     out_dir = Path(out_dir)
-    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
-    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    opts = TrainOptions.for_task(pretrain_gimp, options, option_kw, num_epochs=100, batch_size=8)
     gene_cfg = _gene_encoder_source(gene_encoder_ckpt)
     config = make_config("pretrain", cohort, split, model_kwargs=dict(model_kwargs or {}), gene_encoder=gene_cfg,
-                         window_len=window_len, **opts)
-    done = prepare_run(out_dir, config, overwrite)
-    if done:
+                         window_len=window_len, options=opts)
+    if done := start_run(out_dir, config, opts):
         return done
     _check_same_split(gene_encoder_ckpt, gene_cfg, config)
-    seed_everything(opts["seed"], opts["deterministic"])
     gt = load_gene_transform(gene_encoder_ckpt) if exists(gene_encoder_ckpt) else None
     net = build_gimp(config, cohort.feat_dim, load_weights=True)
     extras = {"label_names": list(cohort.label_names)}
     if exists(gt):
         extras["gene_transform"] = gt.state_dict()
     return _pretrain_run(net, cohort, split, gt=gt, config=config, out_dir=out_dir, window_len=window_len, opts=opts,
-                         extras=extras, device=device, num_workers=num_workers, progress=progress,
-                         callbacks=callbacks, desc="pretrain")
+                         extras=extras, desc="pretrain")
 
 
 def _gene_encoder_source(gene_encoder_ckpt: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -124,18 +112,16 @@ def _check_same_split(ckpt: Any, source: Mapping[str, Any] | None, config: Mappi
 
 
 def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]], *, gt: Any, config: dict[str, Any],
-                  out_dir: Path, window_len: int, opts: Mapping[str, Any], extras: Mapping[str, Any], device: str,
-                  num_workers: int, progress: bool, callbacks: Sequence[Any], desc: str) -> RunResult:
+                  out_dir: Path, window_len: int, opts: TrainOptions, extras: Mapping[str, Any], desc: str) -> RunResult:
     """Self-supervised training on random windows of the training cases; the last epoch is kept."""
-    from gimplib.data.datasets import WindowDataset, collate_bags
 
     def windows(ids: Sequence[str]) -> Any:
         gm = gene_matrix(cohort, gt, ids) if exists(gt) else None
-        return WindowDataset(cohort, list(ids), window_len=window_len, gene_matrix=gm, seed=opts["seed"])
+        return WindowDataset(cohort, list(ids), window_len=window_len, gene_matrix=gm, seed=opts.seed)
 
     train_ds = windows(split["train"])
-    val_loader = loader_for(windows(split["val"]), batch_size=opts["batch_size"], collate_fn=collate_bags,
-                            num_workers=num_workers)
+    val_loader = loader_for(windows(split["val"]), batch_size=opts.batch_size, collate_fn=collate_bags,
+                            num_workers=opts.num_workers)
     mpm = isinstance(net, GiMP) and net.use_mpm
     mean_patch = _mean_patch(train_ds) if mpm else None
     if mpm:  # a resumed run overwrites this with its checkpoint
@@ -148,9 +134,9 @@ def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]
         # fixed windows and masks, so that epochs are comparable; the global RNG is untouched
         sums: dict[str, float] = {}
         dev = next(model.parameters()).device
-        gen = torch.Generator(device=dev).manual_seed(opts["seed"])
+        gen = torch.Generator(device=dev).manual_seed(opts.seed)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(opts["seed"])
+            torch.manual_seed(opts.seed)
             for batch in val_loader:
                 batch = to_device(batch, dev)
                 if mpm:  # MPM: the masks are drawn here, so the references see the same ones
@@ -161,11 +147,8 @@ def _pretrain_run(net: nn.Module, cohort: Any, split: Mapping[str, Sequence[str]
                     sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) / len(val_loader)
         return sums
 
-    res = fit(Task(net, "pretrain"), train_ds, step_fn=step, out_dir=out_dir, config=config, collate_fn=collate_bags,
-              num_epochs=opts["num_epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
-              batch_size=opts["batch_size"], accumulate=opts["accumulate"], warmup_epochs=opts["warmup_epochs"],
-              grad_clip=opts["grad_clip"], amp=opts["amp"], device=device, seed=opts["seed"], num_workers=num_workers,
-              eval_fn=evaluate, extras=extras, callbacks=callbacks, progress=progress, desc=desc)
+    res = fit_with(Task(net, "pretrain"), train_ds, opts, step_fn=step, out_dir=out_dir, config=config,
+                   collate_fn=collate_bags, eval_fn=evaluate, extras=extras, desc=desc)
     last = res.history.iloc[-1].to_dict()
     metrics = {k: float(v) for k, v in last.items() if k.startswith(("train_", "val_"))}
     metrics["epochs"] = int(last["epoch"]) + 1
@@ -210,13 +193,8 @@ def pretrain_baseline(
     standardize: bool = True,
     top_k_var: int | None = None,
     window_len: int = 6000,
-    num_epochs: int = 100,
-    batch_size: int = 8,
-    device: str = "auto",
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    **common: Any,
+    options: TrainOptions | None = None,
+    **option_kw: Any,
 ) -> RunResult:
     """Pretrain an image-gene baseline (``"biovil"``, ``"mgca"``, ``"refers"``) on the same windows as GiMP.
 
@@ -224,7 +202,7 @@ def pretrain_baseline(
     aggregator and :func:`~gimplib.train.inference.embed` reads its ``CLS_pat``.
 
     Args:
-        name: a ``"pretrain"`` system of :data:`gimplib.models.baselines.BASELINES`.
+        name: a system of the ``"pretraining"`` block of :data:`gimplib.models.baselines.SYSTEMS`.
         cohort, split, out_dir: as for :func:`pretrain_gimp` (the cohort needs genes).
         gene_encoder_ckpt: a GroupMSA ``best.pt`` of :func:`train_gene_encoder` on the same
             split to start the gene encoder from (trained jointly, as these methods' text
@@ -234,32 +212,24 @@ def pretrain_baseline(
         model_kwargs: the system's constructor arguments (``embed_dim``, ``depth``, ...);
             ``in_dim``, ``num_classes`` and ``num_genes`` are filled in.
         gene_transform, standardize, top_k_var: the transform when no ``gene_encoder_ckpt``.
-        window_len, num_epochs, batch_size: as for :func:`pretrain_gimp`.
-        device, num_workers, overwrite, progress: runtime options.
-        **common: as for :func:`train_gene_encoder`.
+        window_len, options, **option_kw: as for :func:`pretrain_gimp`.
 
     Returns:
         :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch).
     """
-    from gimplib.models.baselines import BASELINE_KINDS, build_baseline
-
     out_dir = Path(out_dir)
-    key = name.lower().replace("-", "_")
-    if BASELINE_KINDS.get(key) != "pretrain":
-        known = sorted(k for k, v in BASELINE_KINDS.items() if v == "pretrain")
-        raise ValueError(f"{name!r} is not an image-gene pretraining baseline; known: {known}")
-    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
-    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    key = canonical_name(name)
+    if key not in SYSTEMS or SYSTEMS[key].trainer != "pretrain_baseline":
+        raise ValueError(f"{name!r} is not an image-gene pretraining baseline; known: {sorted(systems_in('pretraining'))}")
+    opts = TrainOptions.for_task(pretrain_baseline, options, option_kw, num_epochs=100, batch_size=8)
     source = _gene_encoder_source(gene_encoder_ckpt)
     transform = None if exists(source) else dict(transform=gene_transform, standardize=standardize,
                                                    top_k_var=top_k_var)
     config = make_config("pretrain_baseline", cohort, split, name=key, model_kwargs=dict(model_kwargs or {}),
-                         gene_encoder=source, gene_transform=transform, window_len=window_len, **opts)
-    done = prepare_run(out_dir, config, overwrite)
-    if done:
+                         gene_encoder=source, gene_transform=transform, window_len=window_len, options=opts)
+    if done := start_run(out_dir, config, opts):
         return done
     _check_same_split(gene_encoder_ckpt, source, config)
-    seed_everything(opts["seed"], opts["deterministic"])
     if exists(source):
         gt, encoder = load_gene_transform(gene_encoder_ckpt), load_model(gene_encoder_ckpt)
     else:
@@ -269,13 +239,10 @@ def pretrain_baseline(
     net = build_baseline(key, gene_encoder=encoder, **build)
     extras = {"label_names": list(cohort.label_names), "gene_transform": gt.state_dict(), "build": build}
     return _pretrain_run(net, cohort, split, gt=gt, config=config, out_dir=out_dir, window_len=window_len, opts=opts,
-                         extras=extras, device=device, num_workers=num_workers, progress=progress,
-                         callbacks=callbacks, desc=key)
+                         extras=extras, desc=key)
 
 
 def _aggregator_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    from gimplib.models.aggregator import PatchAggregator
-
     names = set(inspect.signature(PatchAggregator).parameters)
     return {k: v for k, v in kwargs.items() if k in names}
 
@@ -295,14 +262,9 @@ def finetune(
     input: str = "bag",
     window_len: int = 6000,
     max_patches: int | None = None,
-    num_epochs: int = 70,
-    batch_size: int = 1,
     select: str = "accuracy",
-    device: str = "auto",
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    **common: Any,
+    options: TrainOptions | None = None,
+    **option_kw: Any,
 ) -> RunResult:
     """Multimodal fine-tuning (Sect. 2.3): an MLP head on ``CLS_pat = concat(CLS_img, CLS_ge)``.
 
@@ -336,10 +298,10 @@ def finetune(
             Needs a pre-training with a gene encoder.
         input: ``"bag"`` (whole bags, optionally subsampled to ``max_patches`` during
             training) or ``"window"`` (random contiguous windows of ``window_len``).
-        num_epochs, batch_size: paper: up to 70 epochs; bags are padded to a batch with masks.
         select: validation metric that picks the best epoch.
-        device, num_workers, overwrite, progress: runtime options.
-        **common: as for :func:`train_gene_encoder`.
+        options, **option_kw: the shared :class:`TrainOptions`, as for :func:`train_gene_encoder`
+            (``num_epochs`` defaults to 70, the paper's; ``batch_size`` to 1: bags are padded
+            to a batch with masks).
 
     Returns:
         :class:`RunResult` (val and test metrics of the best epoch, with bootstrap CIs).
@@ -348,14 +310,8 @@ def finetune(
         DataError: the checkpoint is not a pre-training run of this split, or a case of the
             split has no expression although the classifier reads genes (the case is named).
     """
-    from gimplib.data.datasets import collate_bags
-    from gimplib.data.genes import GeneTransform
-    from gimplib.models.aggregator import PatchAggregator
-    from gimplib.models.gimp import GiMPClassifier
-
     out_dir = Path(out_dir)
-    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
-    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    opts = TrainOptions.for_task(finetune, options, option_kw, num_epochs=70, batch_size=1)
     pre_cfg, gene_spec, pre = None, None, None
     if exists(pretrained_ckpt):
         if aggregator_kwargs:
@@ -377,17 +333,15 @@ def finetune(
     config = make_config("finetune", cohort, split, pretrained=pre_cfg, aggregator_kwargs=agg, gene_encoder=gene_spec,
                          freeze_gene_encoder=freeze_gene_encoder, head_kwargs=dict(head_kwargs or {}),
                          freeze_aggregator=freeze_aggregator, input=input, window_len=window_len,
-                         max_patches=max_patches, select=select, **opts)
+                         max_patches=max_patches, select=select, options=opts)
     if modality_dropout:  # recorded only when used, so that the paper's runs keep their configs
         if gene_spec is None:
             raise DataError("modality_dropout needs a pretrained_ckpt with a gene encoder (and use_genes not False)")
         config["modality_dropout"] = float(modality_dropout)
-    done = prepare_run(out_dir, config, overwrite)
-    if done:
+    if done := start_run(out_dir, config, opts):
         return done
     if exists(pre_cfg) and pre_cfg["split_sha1"] != config["split"]["sha1"]:
         raise DataError(f"{pretrained_ckpt} was pretrained on another split: its training cases may be test cases here")
-    seed_everything(opts["seed"], opts["deterministic"])
     encoder, gt = None, None
     if exists(pre_cfg):
         pretrained = load_model(pretrained_ckpt)
@@ -400,8 +354,6 @@ def finetune(
     else:
         aggregator = PatchAggregator(**agg)
     if modality_dropout:
-        from gimplib.models.any_modality import AnyModalityClassifier
-
         net = AnyModalityClassifier(aggregator=aggregator, gene_encoder=encoder, num_classes=len(cohort.label_names),
                                     freeze_gene_encoder=freeze_gene_encoder, modality_dropout=modality_dropout,
                                     **config["head_kwargs"])
@@ -410,15 +362,14 @@ def finetune(
                              freeze_gene_encoder=freeze_gene_encoder, **config["head_kwargs"])
     if freeze_aggregator:
         net.aggregator.requires_grad_(False)
-    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts["seed"],
+    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts.seed,
                     gt=gt)
     extras = {"label_names": list(cohort.label_names)}
     if exists(gt):
         extras["gene_transform"] = gt.state_dict()
-    return run_supervised(kind="classifier", net=net, config=config, out_dir=out_dir,
+    return run_supervised(entry="classifier", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=collate_bags, opts=opts,
-                          select=select, extras=extras, device=device, num_workers=num_workers,
-                          progress=progress, eval_batch_size=1, callbacks=callbacks)
+                          select=select, extras=extras, eval_batch_size=1)
 
 
 def gimp_pipeline(
@@ -443,8 +394,9 @@ def gimp_pipeline(
         gene_kwargs: keywords of :func:`train_gene_encoder`.
         pretrain_kwargs: keywords of :func:`pretrain_gimp`.
         finetune_kwargs: keywords of :func:`finetune`.
-        **shared: keywords given to every stage (``device``, ``seed``, ``progress``,
-            ``overwrite``, ``amp``, ...); a stage's own keywords win.
+        **shared: keywords given to every stage (``options=TrainOptions(...)``, or its fields:
+            ``device``, ``seed``, ``progress``, ``overwrite``, ``amp``, ...); a stage's own
+            keywords win.
 
     Returns:
         The fine-tuning :class:`RunResult`.

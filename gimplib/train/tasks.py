@@ -2,7 +2,8 @@
 baseline), the compared systems, and the k-fold driver.
 
 Every task takes a :class:`~gimplib.data.cohort.Cohort`, a split ``{"train", "val", "test":
-[case_id, ...]}`` and keyword options, trains through :func:`gimplib.train.engine.fit` into
+[case_id, ...]}``, its own settings and the shared :class:`~gimplib.train.options.TrainOptions`
+(as ``options=`` or as keywords), trains through :func:`gimplib.train.engine.fit` into
 ``out_dir`` and returns a :class:`~gimplib.train.common.RunResult`. A finished run with the
 same configuration is reused; an interrupted one resumes; ``overwrite=True`` starts afresh.
 The epoch kept is the best on validation ``select`` (default accuracy; ties go to the lower
@@ -11,7 +12,6 @@ validation loss); test figures come from that epoch, with bootstrap 95% interval
 
 from __future__ import annotations
 
-import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gimplib.data.datasets import GeneDataset, collate_bags
+from gimplib.data.genes import GeneTransform
 from gimplib.metrics import mean_sd
+from gimplib.models.baselines import SYSTEMS, build_baseline, canonical_name
+from gimplib.models.gene_encoders import build_gene_encoder
 from gimplib.train.checkpoint import load_checkpoint
 from gimplib.train.common import (
     RunResult,
@@ -40,12 +44,13 @@ from gimplib.train.common import (
     run_inputs,
     split_summary,
 )
-from gimplib.train.engine import fit
-from gimplib.models.gene_encoders import build_gene_encoder
+from gimplib.train.engine import FitResult, fit
 from gimplib.train.inference import Task
-from gimplib.utils import exists, get_device, save_json, seed_everything
+from gimplib.train.options import TrainOptions
+from gimplib.utils import atomic_path, exists, save_json, seed_everything
 
-__all__ = ["engine_options", "kfold", "make_config", "run_supervised", "train_baseline", "train_gene_encoder"]
+__all__ = ["TrainOptions", "fit_with", "kfold", "make_config", "run_supervised", "start_run", "train_baseline",
+           "train_gene_encoder"]
 
 
 def _supervised_step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -61,60 +66,33 @@ def _logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return model(batch, with_y=False)["logits"]
 
 
-def engine_options(kw: Mapping[str, Any]) -> dict[str, Any]:
-    """The engine options of a task call (defaults filled in); unknown keywords are a TypeError."""
-    out = dict(num_epochs=kw["num_epochs"], lr=1e-4, weight_decay=1e-2, batch_size=1, accumulate=1, warmup_epochs=0,
-               grad_clip=None, amp="auto", seed=0, deterministic=False, n_boot=1000)
-    unknown = sorted(set(kw) - set(out))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the engine options are {sorted(out)}")
-    out.update(kw)
-    _check_options(out)
-    return out
+def fit_with(model: nn.Module, train_data: Any, opts: TrainOptions, **kwargs: Any) -> FitResult:
+    """:func:`~gimplib.train.engine.fit` with the engine keywords that ``opts`` sets
+    (``kwargs``: the rest, ``step_fn``, ``out_dir``, ``config``, ``eval_fn`` ...)."""
+    return fit(model, train_data, **opts.fit_kwargs(), **kwargs)
 
 
-#: name -> (kind, lowest value, example): what each engine option takes.
-_OPTION_TYPES = {"num_epochs": ("int", 1, 50), "batch_size": ("int", 1, 8), "accumulate": ("int", 1, 1),
-                 "warmup_epochs": ("int", 0, 0), "seed": ("int", None, 0), "n_boot": ("int", 0, 1000),
-                 "lr": ("number", 0, "1.0e-4"), "weight_decay": ("number", 0, "1.0e-2"),
-                 "grad_clip": ("number", 0, "1.0")}
+def start_run(out_dir: Path, config: Mapping[str, Any], opts: TrainOptions) -> RunResult | None:
+    """The finished run in ``out_dir`` when it can be reused (see
+    :func:`~gimplib.train.common.prepare_run`); else None, with the folder prepared and every
+    random generator seeded from ``opts.seed``: train."""
+    done = prepare_run(out_dir, config, opts.overwrite)
+    if done is None:
+        seed_everything(opts.seed, opts.deterministic)
+    return done
 
 
-def _check_options(opts: Mapping[str, Any]) -> None:
-    """A value of the wrong type fails here, named, before any run folder is touched
-    (``-p num_epochs=three`` would otherwise fail deep in training)."""
-    for name, (kind, low, example) in _OPTION_TYPES.items():
-        value = opts.get(name)
-        if value is None and name == "grad_clip":
-            continue
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if kind == "number":
-            ok = ok or isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not ok or (low is not None and value < low) or (name == "lr" and value == 0):
-            what = "an integer" if kind == "int" else "a number"
-            bound = "" if low is None else (f" > {low}" if name == "lr" else f" >= {low}")
-            raise ValueError(f"{name}={value!r}: expected {what}{bound} (notebook: -p {name}={example}; "
-                             f"gimp-train: --set {name}={example})")
-    if opts.get("deterministic") not in (True, False):
-        raise ValueError(f"deterministic={opts.get('deterministic')!r}: expected true or false")
-
-
-def run_supervised(*, kind: str, net: nn.Module, config: dict[str, Any], out_dir: Path, train_ds: Any,
-                   eval_sets: Mapping[str, Any], collate_fn: Callable | None, opts: Mapping[str, Any],
-                   select: str, extras: Mapping[str, Any], device: str, num_workers: int, progress: bool,
-                   eval_batch_size: int, callbacks: Sequence[Callable] = ()) -> RunResult:
+def run_supervised(*, entry: str, net: nn.Module, config: dict[str, Any], out_dir: Path, train_ds: Any,
+                   eval_sets: Mapping[str, Any], collate_fn: Callable | None, opts: TrainOptions,
+                   select: str, extras: Mapping[str, Any], eval_batch_size: int) -> RunResult:
     """Train a classifier task, keep the best epoch on validation, evaluate val + test with CIs."""
-    task = Task(net, kind)
-    loaders = {part: loader_for(ds, batch_size=eval_batch_size, collate_fn=collate_fn, num_workers=num_workers)
+    task = Task(net, entry)
+    loaders = {part: loader_for(ds, batch_size=eval_batch_size, collate_fn=collate_fn, num_workers=opts.num_workers)
                for part, ds in eval_sets.items()}
-    dev = get_device(device)
-    res = fit(task, train_ds, step_fn=_supervised_step, out_dir=out_dir, config=config, collate_fn=collate_fn,
-              num_epochs=opts["num_epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
-              batch_size=opts["batch_size"], accumulate=opts["accumulate"], warmup_epochs=opts["warmup_epochs"],
-              grad_clip=opts["grad_clip"], amp=opts["amp"], device=dev, seed=opts["seed"], num_workers=num_workers,
-              eval_fn=epoch_eval_fn(_logits, loaders["val"], lambda: next(task.parameters()).device),
-              select=f"val_{select}", mode="min" if select == "loss" else "max", extras=extras, progress=progress,
-              callbacks=callbacks, desc=kind)
+    res = fit_with(task, train_ds, opts, step_fn=_supervised_step, out_dir=out_dir, config=config,
+                   collate_fn=collate_fn,
+                   eval_fn=epoch_eval_fn(_logits, loaders["val"], lambda: next(task.parameters()).device),
+                   select=f"val_{select}", mode="min" if select == "loss" else "max", extras=extras, desc=entry)
     metrics: dict[str, Any] = {"best_epoch": None}
     predictions = None
     if res.dist.is_main:
@@ -124,15 +102,17 @@ def run_supervised(*, kind: str, net: nn.Module, config: dict[str, Any], out_dir
         task.load_state_dict(best["model"])
         task.eval()
         metrics, predictions = final_evaluation(lambda b: _logits(task, b), loaders, res.device,
-                                                n_boot=opts["n_boot"], seed=opts["seed"], progress=progress)
+                                                n_boot=opts.n_boot, seed=opts.seed, progress=opts.progress)
         metrics = {"best_epoch": int(best["epoch"]), **metrics}
     return finish_run(out_dir, metrics, predictions)
 
 
-def make_config(task: str, cohort: Any, split: Mapping[str, Sequence[str]], **values: Any) -> dict[str, Any]:
-    """A run's config: the task, the cohort and split identity (sizes + digest), ``values``, and
-    ``inputs``: digests of the data and upstream checkpoints it reads (see
-    :func:`~gimplib.train.common.run_inputs`), so a changed input is never silently reused.
+def make_config(task: str, cohort: Any, split: Mapping[str, Sequence[str]], *, options: TrainOptions | None = None,
+                **values: Any) -> dict[str, Any]:
+    """A run's config: the task, the cohort and split identity (sizes + digest), ``values``, the
+    recorded fields of ``options`` (:meth:`TrainOptions.config`), and ``inputs``: digests of the
+    data and upstream checkpoints it reads (see :func:`~gimplib.train.common.run_inputs`), so a
+    changed input is never silently reused.
 
     Raises:
         DataError: the split names unknown cases, or its training part holds a single class.
@@ -140,6 +120,8 @@ def make_config(task: str, cohort: Any, split: Mapping[str, Sequence[str]], **va
     check_ids(cohort, split)
     check_classes(cohort, split)
     check_upstream(cohort, values)
+    if exists(options):
+        values = {**values, **options.config()}
     inputs, _ = run_inputs(cohort, values)
     return {"task": task, "cohort": cohort_summary(cohort), "split": split_summary(split), **values,
             "inputs": inputs}
@@ -160,14 +142,9 @@ def train_gene_encoder(
     top_k_var: int | None = None,
     clip: float | None = None,
     gene_order: str = "column",
-    num_epochs: int = 50,
-    batch_size: int = 32,
     select: str = "accuracy",
-    device: str = "auto",
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    **common: Any,
+    options: TrainOptions | None = None,
+    **option_kw: Any,
 ) -> RunResult:
     """Supervised gene-only classifier: GroupMSA (or SNN) + linear head on the expression vector.
 
@@ -185,39 +162,32 @@ def train_gene_encoder(
         clip: clip the standardised values to ``[-clip, clip]`` (None: no clipping).
         gene_order: ``"column"``, ``"random"`` or ``"cluster"``: which genes share a
             fragment (:class:`GeneTransform` ``order``; the random order is drawn with ``seed``).
-        num_epochs, batch_size: training length and batch.
         select: validation metric that picks the best epoch (``accuracy``, ``auc``, ``loss`` ...).
-        device, num_workers, overwrite, progress: runtime options.
-        **common: ``lr`` (1e-4), ``weight_decay`` (1e-2), ``accumulate``, ``warmup_epochs``,
-            ``grad_clip``, ``amp``, ``seed`` (0), ``deterministic``, ``n_boot`` (1000), and
-            ``callbacks`` (``cb(epoch, row)`` after each epoch's checkpoint; not in the config).
+        options: the shared :class:`TrainOptions` (here ``num_epochs`` defaults to 50 and
+            ``batch_size`` to 32).
+        **option_kw: any field of :class:`TrainOptions` (``num_epochs``, ``lr``, ``seed``,
+            ``device`` ...), overriding ``options``.
 
     Returns:
         :class:`RunResult`; ``checkpoint`` is ``best.pt``.
     """
-    from gimplib.data.datasets import GeneDataset
-
     out_dir = Path(out_dir)
-    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
-    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    opts = TrainOptions.for_task(train_gene_encoder, options, option_kw, num_epochs=50, batch_size=32)
     transform = gene_transform_settings(gene_transform=gene_transform, standardize=standardize, top_k_var=top_k_var,
-                                        clip=clip, gene_order=gene_order, seed=opts["seed"])
+                                        clip=clip, gene_order=gene_order, seed=opts.seed)
     config = make_config("genes", cohort, split, encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}),
-                         gene_transform=transform, select=select, **opts)
-    done = prepare_run(out_dir, config, overwrite)
-    if done:
+                         gene_transform=transform, select=select, options=opts)
+    if done := start_run(out_dir, config, opts):
         return done
-    seed_everything(opts["seed"], opts["deterministic"])
     gt = _fit_transform(cohort, split["train"], transform)
     kwargs = {**config["encoder_kwargs"], "num_genes": gt.num_genes, "num_classes": len(cohort.label_names)}
     net = build_gene_encoder(encoder, **kwargs)
     parts = {p: list(split[p]) for p in ("train", "val", "test") if split.get(p)}
     sets = {p: GeneDataset(cohort, ids, gene_matrix(cohort, gt, ids)) for p, ids in parts.items()}
     extras = {"gene_transform": gt.state_dict(), "label_names": list(cohort.label_names), "build": kwargs}
-    return run_supervised(kind="genes", net=net, config=config, out_dir=out_dir,
+    return run_supervised(entry="genes", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=None, opts=opts,
-                          select=select, extras=extras, device=device, num_workers=num_workers,
-                          progress=progress, eval_batch_size=max(batch_size, 64), callbacks=callbacks)
+                          select=select, extras=extras, eval_batch_size=max(opts.batch_size, 64))
 
 
 def gene_transform_settings(*, gene_transform: str = "log2p1", standardize: bool = True, top_k_var: int | None = None,
@@ -232,15 +202,11 @@ def gene_transform_settings(*, gene_transform: str = "log2p1", standardize: bool
         out["clip"] = float(clip)
     if gene_order != "column":
         out.update(order=gene_order, order_seed=int(seed))
-    from gimplib.data.genes import GeneTransform
-
     GeneTransform(**out)  # a bad value fails here, before the run folder is touched
     return out
 
 
 def _fit_transform(cohort: Any, train_ids: Sequence[str], settings: Mapping[str, Any]) -> Any:
-    from gimplib.data.genes import GeneTransform
-
     if not cohort.has_genes:
         return fit_gene_transform(cohort, train_ids, transform="none", standardize=True, top_k_var=None)  # names the cohort
     return GeneTransform(**settings).fit(cohort.genes.loc[list(train_ids)])
@@ -265,16 +231,11 @@ def train_baseline(
     input: str = "bag",
     window_len: int = 6000,
     max_patches: int | None = None,
-    num_epochs: int = 70,
-    batch_size: int = 1,
     select: str = "accuracy",
-    device: str = "auto",
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    **common: Any,
+    options: TrainOptions | None = None,
+    **option_kw: Any,
 ) -> RunResult:
-    """Train a compared system from :data:`gimplib.models.baselines.BASELINES` end to end.
+    """Train a compared system of :data:`gimplib.models.baselines.SYSTEMS` (blocks pathology and fusion) end to end.
 
     The loss is ``cross_entropy(logits, y) + loss_aux`` (the system's own auxiliary term).
 
@@ -286,49 +247,42 @@ def train_baseline(
         use_genes: feed genes (None: exactly when the system is a fusion system).
         gene_transform, standardize, top_k_var, clip, gene_order: the :class:`GeneTransform`
             settings, as for :func:`train_gene_encoder`.
-        input, window_len, max_patches, num_epochs, batch_size, select: as for :func:`finetune`.
-        device, num_workers, overwrite, progress: runtime options.
-        **common: as for :func:`train_gene_encoder`.
+        input, window_len, max_patches, select: as for :func:`finetune`.
+        options, **option_kw: the shared :class:`TrainOptions` (``num_epochs`` defaults to 70,
+            ``batch_size`` to 1), as for :func:`train_gene_encoder`.
 
     Returns:
         :class:`RunResult`.
     """
-    from gimplib.data.datasets import collate_bags
-    from gimplib.models.baselines import BASELINE_KINDS, build_baseline
-
     out_dir = Path(out_dir)
-    key = name.lower().replace("-", "_")
-    if key not in BASELINE_KINDS:
-        raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINE_KINDS)}")
-    if BASELINE_KINDS[key] == "pretrain":
+    key = canonical_name(name)
+    if key not in SYSTEMS:
+        raise ValueError(f"unknown baseline {name!r}; known: {sorted(SYSTEMS)}")
+    if SYSTEMS[key].trainer != "train_baseline":
         raise ValueError(f"{name!r} is a pretraining system: run pretrain_baseline, then finetune(pretrained_ckpt=...)")
-    genes = BASELINE_KINDS[key] != "pathology" if use_genes is None else bool(use_genes)
-    callbacks = tuple(common.pop("callbacks", ()))  # runtime hooks, not part of the config
-    opts = engine_options(dict(common, num_epochs=num_epochs, batch_size=batch_size))
+    genes = SYSTEMS[key].reads_genes if use_genes is None else bool(use_genes)
+    opts = TrainOptions.for_task(train_baseline, options, option_kw, num_epochs=70, batch_size=1)
     transform = gene_transform_settings(gene_transform=gene_transform, standardize=standardize, top_k_var=top_k_var,
-                                        clip=clip, gene_order=gene_order, seed=opts["seed"]) if genes else None
+                                        clip=clip, gene_order=gene_order, seed=opts.seed) if genes else None
     config = make_config("baseline", cohort, split, name=key, model_kwargs=dict(model_kwargs or {}),
                          gene_transform=transform, input=input, window_len=window_len, max_patches=max_patches,
-                         select=select, **opts)
-    done = prepare_run(out_dir, config, overwrite)
-    if done:
+                         select=select, options=opts)
+    if done := start_run(out_dir, config, opts):
         return done
-    seed_everything(opts["seed"], opts["deterministic"])
     gt = _fit_transform(cohort, split["train"], transform) if genes else None
     build = {"in_dim": cohort.feat_dim, "num_classes": len(cohort.label_names)}
     if genes:
         build["num_genes"] = gt.num_genes
     build.update(config["model_kwargs"])
     net = build_baseline(key, **build)
-    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts["seed"],
+    sets = bag_sets(cohort, split, input=input, window_len=window_len, max_patches=max_patches, seed=opts.seed,
                     gt=gt)
     extras = {"label_names": list(cohort.label_names), "build": build}
     if exists(gt):
         extras["gene_transform"] = gt.state_dict()
-    return run_supervised(kind="baseline", net=net, config=config, out_dir=out_dir,
+    return run_supervised(entry="baseline", net=net, config=config, out_dir=out_dir,
                           train_ds=sets.pop("train"), eval_sets=sets, collate_fn=collate_bags, opts=opts,
-                          select=select, extras=extras, device=device, num_workers=num_workers,
-                          progress=progress, eval_batch_size=1, callbacks=callbacks)
+                          select=select, extras=extras, eval_batch_size=1)
 
 
 # --------------------------------------------------------------------------- k-fold
@@ -366,8 +320,6 @@ def kfold(
     table.loc["mean"] = {c: s[0] for c, s in stats.items()}
     table.loc["sd"] = {c: s[1] for c, s in stats.items()}
     if int(os.environ.get("RANK", "0")) == 0:
-        from gimplib.utils import atomic_path
-
         with atomic_path(out_dir / "summary.csv") as tmp:
             table.to_csv(tmp, index_label="fold")
         flat = {f"{c}_{s}": table.loc[s, c] for c in table.columns for s in ("mean", "sd")}

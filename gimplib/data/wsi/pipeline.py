@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from gimplib.data.bags import bag_info, write_bag, write_bag_pt
-from gimplib.data.genes import patient_id
+from gimplib.data.barcode import patient_id
 from gimplib.data.wsi.clam import ClamParams, clam_patch_grid
 from gimplib.data.wsi.patching import PatchGrid, patch_footprint, patch_grid, read_patches_h5, write_patches_h5
 from gimplib.data.wsi.slide import open_slide, read_slide_info, resolve_magnification, slide_id_of

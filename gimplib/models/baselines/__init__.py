@@ -1,12 +1,15 @@
 """The systems GiMP is compared against (Tables 1 and 2 and Fig. 2 of Jin et al. 2023).
 
 One module per system; each module's docstring cites the original paper and states what was
-adapted. Three kinds:
+adapted, and registers the system with :func:`~gimplib.models.baselines.registry.register_system`
+(block, tiny test configuration, citation, widths, recipes): :data:`SYSTEMS` is the one
+table of systems, and :data:`BASELINES` and :func:`build_baseline` are views of it. The
+blocks (one vocabulary, the blocks of the paper's Table 1):
 
 * ``"pathology"``: slide-only MIL classifiers (ABMIL, DSMIL, CLAM-SB, CLAM-MB, TransMIL).
 * ``"fusion"``: pathology + genomics trained end to end, no pretraining (PORPOISE,
   Pathomic Fusion, MCAT, and GiMP's own encoders fused without pretraining).
-* ``"pretrain"``: image-gene pretraining adapted from image-text methods (BioViL-, MGCA-,
+* ``"pretraining"``: image-gene pretraining adapted from image-text methods (BioViL-, MGCA-,
   REFERS-style) on GiMP's own encoders; they expose
   ``pretrain_step(feats, mask, genes, y=None) -> dict(loss, ...)`` and
   ``build_classifier(num_classes=...) -> GiMPClassifier`` (the same fine-tuning model as GiMP).
@@ -38,12 +41,21 @@ from gimplib.models.baselines.official import OFFICIAL_SOURCES, from_official
 from gimplib.models.baselines.pathomic import GatedBilinearFusion, PathomicFusion
 from gimplib.models.baselines.porpoise import PORPOISE
 from gimplib.models.baselines.refers import REFERSStyle
+from gimplib.models.baselines.registry import (
+    BLOCKS,
+    SYSTEMS,
+    System,
+    canonical_name,
+    get_system,
+    register_system,
+    systems_in,
+)
 from gimplib.models.baselines.transmil import TransMIL
 
 __all__ = [
     "ABMIL",
     "BASELINES",
-    "BASELINE_KINDS",
+    "BLOCKS",
     "BioViLStyle",
     "CLAM_MB",
     "CLAM_SB",
@@ -57,57 +69,31 @@ __all__ = [
     "PORPOISE",
     "PathomicFusion",
     "REFERSStyle",
+    "SYSTEMS",
+    "System",
     "TransMIL",
     "build_baseline",
+    "canonical_name",
     "from_official",
+    "get_system",
+    "register_system",
     "sinkhorn_knopp",
     "smooth_top1_svm_loss",
+    "systems_in",
 ]
 
-#: name -> class; build with ``build_baseline(name, **cfg)``.
-BASELINES: dict[str, type[nn.Module]] = {
-    "abmil": ABMIL,
-    "dsmil": DSMIL,
-    "clam_sb": CLAM_SB,
-    "clam_mb": CLAM_MB,
-    "transmil": TransMIL,
-    "porpoise": PORPOISE,
-    "pathomic": PathomicFusion,
-    "mcat": MCAT,
-    "gimp_fusion": GiMPFusion,
-    "biovil": BioViLStyle,
-    "mgca": MGCAStyle,
-    "refers": REFERSStyle,
-}
-
-#: name -> "pathology" | "fusion" | "pretrain" (fusion and pretrain systems need genes).
-BASELINE_KINDS: dict[str, str] = {
-    "abmil": "pathology",
-    "dsmil": "pathology",
-    "clam_sb": "pathology",
-    "clam_mb": "pathology",
-    "transmil": "pathology",
-    "porpoise": "fusion",
-    "pathomic": "fusion",
-    "mcat": "fusion",
-    "gimp_fusion": "fusion",
-    "biovil": "pretrain",
-    "mgca": "pretrain",
-    "refers": "pretrain",
-}
+#: name -> class, a view of :data:`SYSTEMS`; build with ``build_baseline(name, **cfg)``.
+BASELINES: dict[str, type[nn.Module]] = {name: system.constructor for name, system in SYSTEMS.items()}
 
 
 def build_baseline(name: str, **cfg) -> nn.Module:
-    """Build the baseline registered as ``name`` with keyword arguments ``cfg``.
+    """Build the system registered as ``name`` with keyword arguments ``cfg``.
 
     Args:
-        name: a key of :data:`BASELINES` (case-insensitive; "-" and "_" are interchangeable).
+        name: a key of :data:`SYSTEMS` (case-insensitive; "-" and "_" are interchangeable).
         **cfg: the system's constructor arguments (``in_dim``, ``num_classes``, ...).
 
     Raises:
         KeyError: naming the unknown system and listing the known ones.
     """
-    key = name.lower().replace("-", "_")
-    if key not in BASELINES:
-        raise KeyError(f"unknown baseline {name!r}; known: {', '.join(sorted(BASELINES))}")
-    return BASELINES[key](**cfg)
+    return get_system(name).build(**cfg)

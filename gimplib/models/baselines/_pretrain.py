@@ -35,7 +35,11 @@ from gimplib.models.gimp import GiMPClassifier
 from gimplib.models.groupmsa import GroupMSA
 from gimplib.utils import exists
 
-__all__ = ["ImageGenePretrainer", "gene_fragment_tokens", "projection"]
+__all__ = ["PRETRAINER_TINY", "ImageGenePretrainer", "gene_fragment_tokens", "projection"]
+
+#: The tiny test configuration the pre-training systems share (their registry records add their own).
+PRETRAINER_TINY: dict = dict(embed_dim=16, depth=1, num_heads=2, num_landmarks=4, proj_dim=8, dropout=0.0,
+                             gene_cfg=dict(fragment_size=4, num_groups=3, embed_dim=16, num_heads=2, dropout=0.0))
 
 
 def projection(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -26,10 +26,13 @@ from torch import Tensor, nn
 from einops import einsum, rearrange
 
 from gimplib.models.baselines._common import GatedAttention, check_inputs, masked_softmax, output
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["ABMIL"]
 
 
+@register_system("abmil", block="pathology", cite="ilse2018abmil", tiny=dict(embed_dim=16, attn_dim=8),
+                 widths=lambda embed_dim, **_: dict(embed_dim=embed_dim))
 class ABMIL(nn.Module):
     """Gated-attention MIL classifier.
 

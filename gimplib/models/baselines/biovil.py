@@ -31,11 +31,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from gimplib.losses import info_nce
-from gimplib.models.baselines._pretrain import ImageGenePretrainer, gene_fragment_tokens
+from gimplib.models.baselines._pretrain import PRETRAINER_TINY, ImageGenePretrainer, gene_fragment_tokens
+from gimplib.models.baselines.registry import aggregator_widths, register_system
 
 __all__ = ["BioViLStyle"]
 
 
+@register_system("biovil", block="pretraining", cite="boecking2022biovil", tiny=PRETRAINER_TINY,
+                 widths=aggregator_widths, recipes={"biovil": {"gene": "groupmsa"}})
 class BioViLStyle(ImageGenePretrainer):
     """BioViL-style pretraining (see the module docstring).
 

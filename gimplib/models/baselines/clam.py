@@ -41,6 +41,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from gimplib.models.baselines._common import GatedAttention, check_inputs, masked_softmax, output
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["CLAM_MB", "CLAM_SB", "smooth_top1_svm_loss"]
 
@@ -162,6 +163,8 @@ class _CLAM(nn.Module):
         return output(logits, self.inst_weight * loss_inst, attn=rearrange(attn_out, "b n 1 -> b n"), loss_inst=loss_inst.detach())
 
 
+@register_system("clam_sb", block="pathology", cite="lu2021clam", tiny=dict(embed_dim=16, attn_dim=8, k_sample=3),
+                 widths=lambda embed_dim, **_: dict(embed_dim=embed_dim))
 class CLAM_SB(_CLAM):
     """CLAM, single attention branch.
 
@@ -189,6 +192,8 @@ class CLAM_SB(_CLAM):
         return self.classifier(bags[:, 0])
 
 
+@register_system("clam_mb", block="pathology", cite="lu2021clam", tiny=dict(embed_dim=16, attn_dim=8, k_sample=3),
+                 widths=lambda embed_dim, **_: dict(embed_dim=embed_dim))
 class CLAM_MB(_CLAM):
     """CLAM, one attention branch and one bag classifier per class (same arguments as CLAM_SB)."""
 

@@ -38,10 +38,12 @@ from einops import einsum, rearrange, repeat
 from torch import Tensor, nn
 
 from gimplib.models.baselines._common import ce_or_zero, check_inputs, output
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["DSMIL"]
 
 
+@register_system("dsmil", block="pathology", cite="li2021dsmil", tiny=dict(query_dim=8))
 class DSMIL(nn.Module):
     """Dual-stream MIL classifier.
 

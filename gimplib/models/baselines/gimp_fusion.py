@@ -20,10 +20,19 @@ from gimplib.models.aggregator import PatchAggregator
 from gimplib.models.baselines._common import check_inputs, output
 from gimplib.models.gene_encoders import build_gene_encoder
 from gimplib.models.heads import MLPHead
+from gimplib.models.baselines.registry import aggregator_widths, register_system
 
 __all__ = ["GiMPFusion"]
 
 
+@register_system(
+    "gimp_fusion", block="fusion", cite="jin2023gimp",
+    tiny=dict(embed_dim=16, num_heads=2, num_landmarks=4, hidden=16, gene_encoder="groupmsa",
+              gene_kwargs=dict(fragment_size=4, num_groups=2, embed_dim=8, num_heads=2)),
+    widths=aggregator_widths,
+    recipes={"fusion_snn": {"gene": "snn"}, "fusion_groupmsa": {"gene": "groupmsa"}},  # Table 2's first rows
+    published=False,
+)
 class GiMPFusion(nn.Module):
     """Patch aggregator + gene encoder, CLS tokens concatenated, MLP head; trained jointly.
 

@@ -34,6 +34,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from gimplib.models.baselines._common import GatedAttention, SNNEncoder, check_inputs, output
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["MCAT", "contiguous_groups"]
 
@@ -88,6 +89,10 @@ class _TokenPool(nn.Module):
         return self.rho(einsum(a, h, "b g, b g d -> b d"))
 
 
+# The official width is 256 at d = 512; at least 32, so that a small demo's heads keep 8
+# dimensions (at 16 wide, 4 heads, it predicted one class on every demo seed).
+@register_system("mcat", block="fusion", cite="chen2021mcat", tiny=dict(embed_dim=16, num_heads=2, num_groups=3),
+                 widths=lambda embed_dim, num_heads, **_: dict(embed_dim=max(32, embed_dim // 2), num_heads=num_heads))
 class MCAT(nn.Module):
     """MCAT classifier.
 

@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gimplib.losses import info_nce
-from gimplib.models.baselines._pretrain import ImageGenePretrainer, gene_fragment_tokens, projection
+from gimplib.models.baselines._pretrain import (
+    PRETRAINER_TINY,
+    ImageGenePretrainer,
+    gene_fragment_tokens,
+    projection,
+)
+from gimplib.models.baselines.registry import aggregator_widths, register_system
 
 __all__ = ["MGCAStyle", "sinkhorn_knopp"]
 
@@ -83,6 +89,9 @@ def _two_way_nce(sim: Tensor, weight: Tensor) -> Tensor:
     return (weight * per_token).sum()
 
 
+@register_system("mgca", block="pretraining", cite="wang2022mgca",
+                 tiny=dict(PRETRAINER_TINY, num_prototypes=4, max_token_patches=8),
+                 widths=aggregator_widths, recipes={"mgca": {"gene": "groupmsa"}})
 class MGCAStyle(ImageGenePretrainer):
     """MGCA-style pretraining (see the module docstring).
 

@@ -34,6 +34,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from gimplib.models.baselines._common import GatedAttention, SNNEncoder, check_inputs, masked_softmax, output
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["GatedBilinearFusion", "PathomicFusion"]
 
@@ -154,6 +155,8 @@ class GatedBilinearFusion(nn.Module):
         return self.encoder2(out)
 
 
+@register_system("pathomic", block="fusion", cite="chen2020pathomic",
+                 tiny=dict(path_dim=8, omic_hidden=(8, 8), fused_dim=8, attn_dim=8))
 class PathomicFusion(nn.Module):
     """Pathomic Fusion classifier: attention-MIL histology embedding + SNN genomics, gated Kronecker fusion.
 

@@ -34,10 +34,16 @@ from torch import Tensor, nn
 
 from gimplib.models.baselines._common import GatedAttention, SNNEncoder, check_inputs, masked_softmax, output
 from gimplib.models.baselines.pathomic import GatedBilinearFusion
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["PORPOISE"]
 
 
+# The gates shrink the 256-d embeddings by `scale` (8); at embed_dim 512 (the paper's scale) the
+# sweep builds the official model, and a smaller demo keeps the gates 8+ wide.
+@register_system("porpoise", block="fusion", cite="chen2022porpoise",
+                 tiny=dict(embed_dim=16, omic_hidden=(16, 16), scale=2),  # bag width 8
+                 widths=lambda embed_dim, **_: dict(embed_dim=embed_dim, scale=max(1, min(8, embed_dim // 64))))
 class PORPOISE(nn.Module):
     """PORPOISE (AMIL + SNN + gated bilinear fusion) classifier.
 

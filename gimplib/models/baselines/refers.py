@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from gimplib.losses import info_nce
 from gimplib.models.baselines._common import GatedAttention, masked_softmax
-from gimplib.models.baselines._pretrain import ImageGenePretrainer
+from gimplib.models.baselines._pretrain import PRETRAINER_TINY, ImageGenePretrainer
 from gimplib.utils import default
+from gimplib.models.baselines.registry import aggregator_widths, register_system
 
 __all__ = ["REFERSStyle", "split_views"]
 
@@ -55,6 +56,9 @@ def split_views(feats: Tensor, mask: Tensor, num_views: int) -> tuple[Tensor, Te
     return rearrange(feats, "b (v l) d -> b v l d", v=v), rearrange(mask, "b (v l) -> b v l", v=v)
 
 
+@register_system("refers", block="pretraining", cite="zhou2022refers",
+                 tiny=dict(PRETRAINER_TINY, num_views=2, decoder_hidden=16),
+                 widths=aggregator_widths, recipes={"refers": {"gene": "groupmsa"}})
 class REFERSStyle(ImageGenePretrainer):
     """REFERS-style pretraining (see the module docstring).
 

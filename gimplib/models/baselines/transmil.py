@@ -32,6 +32,7 @@ from nystrom_attention import NystromAttention
 from torch import Tensor, nn
 
 from gimplib.models.baselines._common import check_inputs, output
+from gimplib.models.baselines.registry import register_system
 
 __all__ = ["PPEG", "TransMIL"]
 
@@ -73,6 +74,10 @@ class _TransLayer(nn.Module):
         return x + self.attn(self.norm(x))
 
 
+@register_system("transmil", block="pathology", cite="shao2021transmil",
+                 tiny=dict(embed_dim=16, num_heads=2, num_landmarks=4),
+                 widths=lambda embed_dim, num_heads, num_landmarks, **_: dict(
+                     embed_dim=embed_dim, num_heads=num_heads, num_landmarks=num_landmarks))
 class TransMIL(nn.Module):
     """TransMIL classifier.
 
