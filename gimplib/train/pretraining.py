@@ -65,7 +65,7 @@ def pretrain_gimp(
             ``num_heads``, ``num_landmarks``, ``use_mpm``, ``use_triplet``, ``mask_ratio``,
             ``margin``, ``mining``, ...); ``in_dim`` and the gene encoder are set here.
         window_len: patches per window (paper: 6000).
-        options, **option_kw: the shared :class:`TrainOptions` (``num_epochs`` defaults to 100,
+        options, \\*\\*option_kw: the shared :class:`TrainOptions` (``num_epochs`` defaults to 100,
             ``batch_size``, windows per step, to 8), as for :func:`train_gene_encoder`.
 
     Returns:
@@ -212,7 +212,7 @@ def pretrain_baseline(
         model_kwargs: the system's constructor arguments (``embed_dim``, ``depth``, ...);
             ``in_dim``, ``num_classes`` and ``num_genes`` are filled in.
         gene_transform, standardize, top_k_var: the transform when no ``gene_encoder_ckpt``.
-        window_len, options, **option_kw: as for :func:`pretrain_gimp`.
+        window_len, options, \\*\\*option_kw: as for :func:`pretrain_gimp`.
 
     Returns:
         :class:`RunResult` with ``checkpoint`` = ``checkpoint.pt`` (last epoch).
@@ -299,7 +299,7 @@ def finetune(
         input: ``"bag"`` (whole bags, optionally subsampled to ``max_patches`` during
             training) or ``"window"`` (random contiguous windows of ``window_len``).
         select: validation metric that picks the best epoch.
-        options, **option_kw: the shared :class:`TrainOptions`, as for :func:`train_gene_encoder`
+        options, \\*\\*option_kw: the shared :class:`TrainOptions`, as for :func:`train_gene_encoder`
             (``num_epochs`` defaults to 70, the paper's; ``batch_size`` to 1: bags are padded
             to a batch with masks).
 

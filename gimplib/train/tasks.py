@@ -248,7 +248,7 @@ def train_baseline(
         gene_transform, standardize, top_k_var, clip, gene_order: the :class:`GeneTransform`
             settings, as for :func:`train_gene_encoder`.
         input, window_len, max_patches, select: as for :func:`finetune`.
-        options, **option_kw: the shared :class:`TrainOptions` (``num_epochs`` defaults to 70,
+        options, \\*\\*option_kw: the shared :class:`TrainOptions` (``num_epochs`` defaults to 70,
             ``batch_size`` to 1), as for :func:`train_gene_encoder`.
 
     Returns:
