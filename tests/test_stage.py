@@ -182,3 +182,94 @@ def test_run_dir_compares_with_the_notebooks_declared_defaults(tmp_path, smoke_d
     with pytest.raises(ValueError, match="no declared parameters recorded"):
         stage.run_dir("gimp")
     assert stage.run_dir("x", {"a": 2}, defaults={"a": 1}).name.startswith("x-")
+
+
+# ------------------------------------------------------------------------ notebooks tier
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(stem: str, work: Path, **extra) -> Path:
+    """Execute notebooks/<stem>.ipynb with the smoke set plus ``extra``, in ``work``; the executed copy."""
+    from gimplib import book
+
+    nb = ROOT / "notebooks" / f"{stem}.ipynb"
+    declared = book.declared_parameters(nb)
+    params = book.notebook_parameters(book.load_param_set("smoke", ROOT / "notebooks" / "params"), stem, declared=declared)
+    params.update(workdir=str(work), **extra)
+    out = work.parent / "executed" / f"{stem}_{len(list((work.parent / 'executed').glob('*')))}.ipynb" \
+        if (work.parent / "executed").is_dir() else work.parent / "executed" / f"{stem}_0.ipynb"
+    try:
+        book.execute_notebook(nb, out, params, cwd=work.parent)
+    except book.NotebookFailed as err:
+        pytest.fail(str(err), pytrace=False)
+    return out
+
+
+def _outputs(path: Path) -> str:
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(900)
+def test_stage_02_reads_the_cohort_stage_01_tiled_from_raw_slides(tmp_path):
+    """Notebook 01 with slides_dir tiles eight copies of a pyramidal TIFF (tests/_clam_tiff.py;
+    CLAM mode, 512-px patches, a random encoder) into workdir/01_data/wsi_cohort; notebook 02,
+    given no data_dir, trains on that cohort's 300 genes, not on the synthetic cohort's 600."""
+    import numpy as np
+    import pandas as pd
+
+    from _clam_tiff import write_clam_test_tiff
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    image = write_clam_test_tiff(tmp_path / "image.tif")
+    rows = []
+    for i in range(8):
+        case = f"TCGA-XX-{i:04d}"
+        (slides / f"{case}-01Z-00-DX1.tif").symlink_to(image)
+        rows.append({"case_id": case, "slide_id": f"{case}-01Z-00-DX1", "label": "LUAD" if i % 2 else "LUSC"})
+    pd.DataFrame(rows).to_csv(tmp_path / "slides.csv", index=False)
+    (tmp_path / "preset.csv").write_text("a_t,a_h\n4,1\n")  # CLAM's tcga preset drops regions this small
+    rng = np.random.default_rng(0)
+    genes = pd.DataFrame(rng.gamma(2.0, 2.0, size=(8, 300)), columns=[f"G{j}" for j in range(300)],
+                         index=pd.Index([r["case_id"] for r in rows], name="case_id"))
+    genes.iloc[1::2, :20] *= 4  # some signal for the LUAD cases
+    genes.to_csv(tmp_path / "genes.csv")
+
+    work = tmp_path / "work"
+    _run("01_data", work, slides_dir=str(slides), slides_csv=str(tmp_path / "slides.csv"),
+         gene_file=str(tmp_path / "genes.csv"), clam_preset=str(tmp_path / "preset.csv"), patch_size=512,
+         feature_weights="random",
+         split_sizes=[2, 1, 1], n_folds=0)
+    record = load_json(work / "cohort.json")
+    assert record["kind"] == "slides" and record["cohort_dir"] == str(WSI_COHORT)
+    assert not (work / SYNTHETIC_COHORT).exists()
+
+    executed = _run("02_genes", work, compare=False)
+    assert load_json(work / "02_genes" / "metrics.json")["n_genes"] == 300
+    assert "01_data/wsi_cohort (slides, 8 cases)" in _outputs(executed)
+    assert not (work / SYNTHETIC_COHORT).exists(), "stage 02 fell back to the synthetic cohort"
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(900)
+def test_a_seed_sweep_and_an_ablation_in_one_workdir_keep_every_run(tmp_path):
+    """papermill with -p seed 1 after seed 0, then -p mask_ratio 0.25 -p overwrite true (03): all
+    three succeed in one workdir and every run keeps its own folder; the first is not touched."""
+    work = tmp_path / "work"
+    _run("03_mpm", work, num_epochs=1)
+    (first,) = [p for p in (work / "03_mpm").iterdir() if (p / "checkpoint.pt").is_file()]
+    stamp = (first / "checkpoint.pt").stat().st_mtime_ns
+    _run("03_mpm", work, num_epochs=1, seed=1)
+    assert (work / "03_mpm" / f"{first.name}_seed1" / "checkpoint.pt").is_file()
+    _run("03_mpm", work, num_epochs=1, mask_ratio=0.25, overwrite=True)
+    runs = [p for p in (work / "03_mpm").iterdir() if (p / "checkpoint.pt").is_file()]
+    assert len(runs) == 3 and (first / "checkpoint.pt").stat().st_mtime_ns == stamp, "the ablation touched the first run"
+    index = load_json(work / "03_mpm" / "runs.json")
+    (ablation,) = [p.name for p in runs if p != first and not p.name.endswith("_seed1")]
+    changed = index[ablation]["changed"]
+    assert {k: v for k, v in changed.items() if index[first.name]["changed"].get(k) != v} == {"mask_ratio": 0.25}
+    assert load_json(work / "03_mpm" / "metrics.json")["run"] == ablation
