@@ -21,9 +21,10 @@ cohort and the same split whatever they were given:
   written to ``workdir/01_data/split.json`` and reused by every stage after it.
 
 Run folders are named by what distinguishes them (:meth:`Stage.run_dir`): the recipe
-(``gimp``), then ``-<hash>`` of the parameters that differ from the notebook's defaults,
-then ``_seed<s>`` when the training seed is not the default; the default run of 04 is
-``04_pretrain/gimp``, the ablation ``-p margin 0.4`` goes to ``04_pretrain/gimp-<hash>``.
+(``gimp``), then ``-<hash>`` of the parameters that differ from the defaults (the notebook's,
+overlaid with the parameter set the book runner used in this workdir), then ``_seed<s>``
+when the training seed is not the default; the default run of 04 is ``04_pretrain/gimp``,
+the ablation ``-p margin 0.4`` goes to ``04_pretrain/gimp-<hash>``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _same(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stage:
     """One stage of the book in its workdir: the cohort and split it reads, the folder it writes.
 
