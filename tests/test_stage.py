@@ -59,6 +59,10 @@ def test_a_different_data_dir_is_refused_naming_both_unless_overwrite(tmp_path, 
     with pytest.raises(DataError, match="data_seed=1.*records data_seed=0"):
         Stage.open("02_genes", work, profile="smoke", data_seed=1, quiet=True)
 
+    replaced = Stage.open("03_mpm", work, profile="smoke", data_seed=1, overwrite=True, quiet=True)
+    assert load_json(work / "cohort.json")["data_seed"] == 1, "overwrite records the other synthetic cohort"
+    assert load_json(replaced.cohort_dir / "cohort.json")["seed"] == 1 and replaced.split_source["seed"] == 1
+
     stage = Stage.open("02_genes", work, data_dir=other, overwrite=True, quiet=True)
     record = load_json(work / "cohort.json")
     assert Path(record["cohort_dir"]) == other.resolve() and record["kind"] == "data_dir"
@@ -80,6 +84,9 @@ def test_split_from_the_cohorts_clam_file_beats_the_seeded_one(tmp_path, smoke_d
     assert stage.split == clam
     assert stage.split_source == {"kind": "clam_file", "file": str(data / "splits" / "splits_0.csv")}
     assert load_json(tmp_path / "work" / "cohort.json")["split"]["kind"] == "clam_file"
+    # a stage that loads the genes alone (no slides table) maps the file's slide ids all the same
+    genes_first = Stage.open("02_genes", tmp_path / "work3", data_dir=data, require=["genes"], quiet=True)
+    assert not genes_first.cohort.has_slides and genes_first.split == clam
 
     plain = _copy(smoke_dir, tmp_path / "plain")
     stage = Stage.open("01_data", tmp_path / "work2", data_dir=plain, data_seed=5, quiet=True)
@@ -273,3 +280,26 @@ def test_a_seed_sweep_and_an_ablation_in_one_workdir_keep_every_run(tmp_path):
     changed = index[ablation]["changed"]
     assert {k: v for k, v in changed.items() if index[first.name]["changed"].get(k) != v} == {"mask_ratio": 0.25}
     assert load_json(work / "03_mpm" / "metrics.json")["run"] == ablation
+
+
+def test_gimp_train_takes_its_split_from_the_same_rule(tmp_path, smoke_dir, monkeypatch, capsys):
+    """gimp-train reads the cohort's splits/splits_0.csv as the notebooks do (decide_split)."""
+    import json
+
+    import gimplib.data.splits as splits
+    from gimplib.train.cli import main
+
+    data = _copy(smoke_dir, tmp_path / "data")
+    cohort = load_cohort(data, verbose=False)
+    seeded = train_val_test_split(cohort, seed=0)
+    clam = {"train": seeded["train"], "val": seeded["test"], "test": seeded["val"]}
+    write_clam_split(data / "splits" / "splits_0.csv", clam, cohort)
+    chosen = []
+    real = splits.decide_split
+    monkeypatch.setattr(splits, "decide_split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    rc = main(["genes", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--num-epochs", "1", "--no-progress",
+               "--device", "cpu", "--set", "encoder=snn"])
+    assert rc == 0, capsys.readouterr().err
+    (split, source), = chosen
+    assert split == clam and source["kind"] == "clam_file"
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] >= 0

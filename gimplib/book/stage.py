@@ -348,7 +348,8 @@ def _resolve_cohort(name: str, workdir: Path, record: dict | None, data_dir: Any
         raise DataError(conflict)
     if given is None and kind != "synthetic":  # data_dir=None always means the recorded folder
         return recorded, kind, True
-    return _new_cohort(workdir, given, profile, data_seed), _kind(workdir, given), True
+    # overwrite=True asked for another synthetic cohort: it replaces the recorded one (gimp-synth's own files only)
+    return _new_cohort(workdir, given, profile, data_seed, replace=given is None), _kind(workdir, given), True
 
 
 def _kind(workdir: Path, given: Path | None) -> str:
@@ -357,7 +358,7 @@ def _kind(workdir: Path, given: Path | None) -> str:
     return "slides" if _same(given, workdir / WSI_COHORT) else "data_dir"
 
 
-def _new_cohort(workdir: Path, given: Path | None, profile: str, data_seed: int) -> Path:
+def _new_cohort(workdir: Path, given: Path | None, profile: str, data_seed: int, replace: bool = False) -> Path:
     if given is not None:
         return given
-    return generate_cohort(workdir / SYNTHETIC_COHORT, preset=profile, seed=data_seed, progress=False)
+    return generate_cohort(workdir / SYNTHETIC_COHORT, preset=profile, seed=data_seed, overwrite=replace, progress=False)

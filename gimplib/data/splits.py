@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from gimplib.data.cohort import Cohort, normalize_slide_id
+from gimplib.data.cohort import Cohort, load_cohort, normalize_slide_id
 from gimplib.utils import DataError, atomic_path
 
 __all__ = [
@@ -280,7 +280,9 @@ def decide_split(
     if clam_split is None and fold is None and found is not None and found.is_file():
         clam_split = found
     if clam_split is not None:
-        split = read_clam_split(clam_split, cohort)
+        split = read_clam_split(clam_split, _slide_reference(cohort, cohort_dir))
+        keep = set(cohort.case_ids)  # a cohort loaded for its genes alone may hold fewer cases
+        split = {part: [c for c in ids if c in keep] for part, ids in split.items()}
         source: dict = {"kind": "clam_file", "file": str(clam_split)}
     elif fold is not None:
         folds = kfold_splits(cohort, k=k, seed=seed)
@@ -292,6 +294,17 @@ def decide_split(
         source = {"kind": "seeded", "seed": int(seed), "sizes": [float(x) if x % 1 else int(x) for x in sizes]}
     check_disjoint(split)
     return {part: list(split[part]) for part in PARTS}, source
+
+
+def _slide_reference(cohort: Cohort, cohort_dir: str | os.PathLike | None) -> Cohort:
+    """The cohort that maps a CLAM split file's slide ids to cases: ``cohort`` itself, or, when it was
+    loaded for its genes alone (no slides table), the same folder loaded for its slides."""
+    if cohort.has_slides or cohort_dir is None:
+        return cohort
+    try:
+        return load_cohort(cohort_dir, require=("slides",), drop_incomplete=True, verbose=False)
+    except DataError:  # a genes-only folder: its split files name cases
+        return cohort
 
 
 def describe_split_source(source: dict) -> str:
