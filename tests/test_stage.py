@@ -303,3 +303,14 @@ def test_gimp_train_takes_its_split_from_the_same_rule(tmp_path, smoke_dir, monk
     (split, source), = chosen
     assert split == clam and source["kind"] == "clam_file"
     assert json.loads(capsys.readouterr().out)["test_accuracy"] >= 0
+
+
+def test_the_book_says_which_cohort_the_stages_read():
+    from gimplib.book.site import describe_data
+
+    text, synthetic = describe_data({"data_dir": None, "profile": "smoke", "workdir": "/w"},
+                                    {"kind": "slides", "cohort_dir": "01_data/wsi_cohort"})
+    assert "/w/01_data/wsi_cohort" in text and not synthetic
+    text, synthetic = describe_data({"data_dir": None, "profile": "demo", "workdir": "/w"},
+                                    {"kind": "synthetic", "profile": "smoke", "data_seed": 2, "cohort_dir": "01_data/cohort"})
+    assert synthetic and "profile `smoke`, seed 2" in text
