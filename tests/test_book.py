@@ -340,6 +340,13 @@ def test_every_stage_notebook_executes_with_smoke_parameters(smoke_book):
         nb = nbformat.read(out / "_build" / "site" / "notebooks" / f"{stem}.ipynb", as_version=4)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, f"{stem}: error outputs in the executed copy"
+    work = out / "work"
+    record = json.loads((work / "cohort.json").read_text())
+    assert record["kind"] == "synthetic" and record["profile"] == "smoke" and record["recorded_by"] == "01_data"
+    for run in ("02_genes/groupmsa", "03_mpm/mpm", "04_pretrain/gimp", "05_finetune/gimp", "06_figures/gimp_no_genes"):
+        assert (work / run).is_dir(), f"{run}: the runs of the book's own parameter set keep their plain names"
+    finetune = json.loads((work / "05_finetune" / "metrics.json").read_text())
+    assert finetune["pretrained"] == "04_pretrain/gimp" and finetune["run"] == "gimp"
 
 
 @pytest.mark.notebooks

@@ -18,7 +18,6 @@ from gimplib.data.synthetic import (
     PRESETS,
     generate_cohort,
     main,
-    resolve_cohort_dir,
 )
 from gimplib.utils import DataError, load_json
 
@@ -327,14 +326,6 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="min_patches <= max_patches"):
         generate_cohort("/nonexistent/never", preset="smoke", min_patches=500, max_patches=100)
     assert not Path("/nonexistent/never").exists()
-
-
-def test_resolve_cohort_dir(tmp_path, smoke):
-    assert resolve_cohort_dir(tmp_path, smoke) == smoke
-    with pytest.raises(DataError, match="missing: data_dir not found"):
-        resolve_cohort_dir(tmp_path, tmp_path / "missing")
-    out = resolve_cohort_dir(tmp_path, None, preset="smoke", seed=0, n_patients=4, progress=False)
-    assert out == tmp_path / "01_data" / "cohort" and (out / "dataset.csv").exists()
 
 
 def test_cli(tmp_path, capsys):

@@ -26,7 +26,8 @@ The build tree (``<output>/_build``):
 
 Modules: :mod:`gimplib.book.params` (parameter sets), :mod:`gimplib.book.site` (the build
 tree's pages, provenance and results), :mod:`gimplib.book.runner` (papermill and
-jupyter-book).
+jupyter-book), :mod:`gimplib.book.stage` (what a notebook opens first: the workdir's one
+cohort and split, and run folders named by their settings).
 """
 
 from gimplib.book.params import (
@@ -40,12 +41,14 @@ from gimplib.book.params import (
     toc_notebooks,
 )
 from gimplib.book.runner import BookRun, NotebookFailed, build_book, execute_notebook, main, run_book
+from gimplib.book.stage import Stage
 
 __all__ = [
     "BookRun",
     "NotebookFailed",
     "ParamError",
     "ParamSet",
+    "Stage",
     "build_book",
     "check_param_set",
     "declared_parameters",

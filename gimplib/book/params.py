@@ -19,8 +19,11 @@ import yaml
 
 __all__ = [
     "ParamError",
+    "COHORT_RECORD",
     "COMMON_PARAMETERS",
+    "NOTEBOOK_PARAMETERS",
     "ParamSet",
+    "SET_PARAMETERS",
     "STAGE_PATTERN",
     "check_param_set",
     "check_parameter_types",
@@ -246,9 +249,22 @@ def stage_notebooks(notebooks_dir: str | os.PathLike) -> list[Path]:
 
 
 #: The parameters every stage notebook declares, with the same default in each (tested).
-COMMON_PARAMETERS = ("workdir", "data_dir", "profile", "seed", "device", "overwrite", "drop_incomplete", "progress")
+COMMON_PARAMETERS = ("workdir", "data_dir", "profile", "data_seed", "seed", "device", "overwrite", "drop_incomplete", "progress")
 
 CHECK_TAG = "remove-cell"
+
+#: The workdir's record of the cohort and split every stage reads (:mod:`gimplib.book.stage`).
+COHORT_RECORD = "cohort.json"
+
+#: The parameters the book runner gave each notebook from its set (``book_params.json`` in the
+#: workdir): the workdir's default runs, which :meth:`gimplib.book.stage.Stage.run_dir` names
+#: plainly (``04_pretrain/gimp``) and against which it names the runs that differ.
+SET_PARAMETERS = "book_params.json"
+
+#: name -> (declared defaults, values after papermill) of the notebooks checked in this kernel,
+#: kept by :func:`check_notebook_parameters` for :meth:`gimplib.book.stage.Stage.run_dir`,
+#: which names a run by the parameters that differ from the defaults.
+NOTEBOOK_PARAMETERS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
 
 def parameter_check_source(notebook: nbformat.NotebookNode, stem: str) -> str:
@@ -312,3 +328,4 @@ def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any
     if problems:
         raise ValueError("; ".join(problems))
     namespace.update(converted)
+    NOTEBOOK_PARAMETERS[where] = (dict(defaults), {name: namespace[name] for name in defaults if name in namespace})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,10 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from gimplib.book.params import (
+    COHORT_RECORD,
+    SET_PARAMETERS,
     ParamError,
+    ParamSet,
     check_param_set,
     check_parameter_types,
     declared_parameters,
@@ -296,7 +300,7 @@ def run_book(
             parameters, _ = check_parameter_types(notebook_parameters(param_set, nb.stem, overrides, declared),
                                                   declared, nb.stem)
             _write_papermill_file(build_dir / "params" / param_set.name / f"{nb.stem}.yaml", parameters)
-            text, synthetic = describe_data(parameters)
+            _record_set_parameters(work, param_set, nb.stem, declared)
             print(f"[{nb.stem}] executing with '{param_set.name}' parameters ...", flush=True)
             try:
                 with kernel_environment(progress):
@@ -310,6 +314,9 @@ def run_book(
                 print(f"[{nb.stem}] FAILED; partial copy: {err.partial}", file=sys.stderr)
                 raise
             seconds[nb.stem] = took
+            record = work / COHORT_RECORD  # which cohort the stage read (e.g. one stage 01 tiled)
+            text, synthetic = describe_data({**parameters, "workdir": str(work)},
+                                            json.loads(record.read_text()) if record.is_file() else None)
             finished = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
             runs[nb.stem] = {
                 "status": "executed", "params": param_set.name, "seconds": took, "finished": finished,
@@ -375,6 +382,19 @@ def _reused_note(nb_path: Path) -> str:
         return ""
     return (f"{len(dates)} of its training runs were reused, unchanged, from earlier runs (finished "
             f"{', '.join(sorted(set(dates)))}); `-p overwrite=true` trains them again. ")
+
+
+def _record_set_parameters(work: Path, param_set: ParamSet, stem: str, declared: dict[str, Any]) -> None:
+    """Write the set's parameters of one notebook (without command-line overrides) to
+    ``work/book_params.json``: the workdir's default run, against which
+    :meth:`gimplib.book.stage.Stage.run_dir` names the runs that differ (an override, an ablation)."""
+    values, _ = check_parameter_types(notebook_parameters(param_set, stem, None, declared), declared, stem)
+    path = work / SET_PARAMETERS
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[stem] = {"set": param_set.name, "parameters": values}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _rerun_command(params: str, stem: str, data_dir: Any, workdir: Any, overrides: dict[str, Any] | None) -> str:

@@ -14,12 +14,13 @@ from gimplib.data.genes import (
 )
 from gimplib.data.splits import (
     check_disjoint,
+    decide_split,
     kfold_splits,
     read_clam_split,
     train_val_test_split,
     write_clam_split,
 )
-from gimplib.data.synthetic import PRESETS, generate_cohort, resolve_cohort_dir
+from gimplib.data.synthetic import PRESETS, generate_cohort
 from gimplib.data.wsi import ExtractConfig, plot_attention_heatmap, process_slide, process_slides
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "bag_cache_info",
     "bag_info",
     "check_disjoint",
+    "decide_split",
     "collate_bags",
     "generate_cohort",
     "is_tcga_barcode",
@@ -50,7 +52,6 @@ __all__ = [
     "read_gdc_expression",
     "read_gene_table",
     "set_bag_cache",
-    "resolve_cohort_dir",
     "strip_version",
     "train_val_test_split",
     "write_bag",

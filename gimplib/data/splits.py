@@ -15,12 +15,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from gimplib.data.cohort import Cohort, normalize_slide_id
+from gimplib.data.cohort import Cohort, load_cohort, normalize_slide_id
 from gimplib.utils import DataError, atomic_path
 
 __all__ = [
+    "CLAM_SPLIT",
     "PARTS",
     "check_disjoint",
+    "decide_split",
+    "describe_split_source",
     "kfold_splits",
     "read_clam_split",
     "train_val_test_split",
@@ -28,6 +31,9 @@ __all__ = [
 ]
 
 PARTS = ("train", "val", "test")
+
+#: Where a cohort folder keeps the CLAM split file that :func:`decide_split` uses when present.
+CLAM_SPLIT = Path("splits") / "splits_0.csv"
 
 
 def _largest_remainder(total: int, weights: Sequence[float]) -> np.ndarray:
@@ -232,3 +238,84 @@ def write_clam_split(path: str | os.PathLike, split: dict[str, Sequence[str]], c
     with atomic_path(path) as tmp:
         pd.DataFrame(columns).to_csv(tmp)
     return path
+
+
+def decide_split(
+    cohort: Cohort,
+    *,
+    cohort_dir: str | os.PathLike | None = None,
+    clam_split: str | os.PathLike | None = None,
+    fold: int | None = None,
+    k: int = 5,
+    seed: int = 0,
+    sizes: Sequence[float] = (567, 189, 190),
+) -> tuple[dict[str, list[str]], dict]:
+    """The one rule that picks a cohort's train/val/test split (the notebooks and ``gimp-train``).
+
+    In order: the CLAM split file ``clam_split`` when given; fold ``fold`` of
+    :func:`kfold_splits` (``k`` folds, ``seed``) when given; the cohort's own CLAM split file
+    ``cohort_dir/splits/splits_0.csv`` when it exists; otherwise the seeded, stratified
+    :func:`train_val_test_split` (``seed``, ``sizes``).
+
+    Args:
+        cohort: the cohort the split is of.
+        cohort_dir: the cohort's folder, where ``splits/splits_0.csv`` is looked for.
+        clam_split: a CLAM ``splits_{k}.csv`` to use, whatever the folder holds.
+        fold: index of a patient-grouped k-fold split to use instead of one seeded split.
+        k: number of folds, with ``fold``.
+        seed: seed of the seeded split or of the folds.
+        sizes: relative train/val/test sizes of the seeded split.
+
+    Returns:
+        ``(split, source)``: the split (``{"train", "val", "test"}`` of case ids) and a JSON-able
+        record of where it came from: ``{"kind": "clam_file", "file": ...}``,
+        ``{"kind": "fold", "fold": i, "k": k, "seed": s}`` or
+        ``{"kind": "seeded", "seed": s, "sizes": [...]}``.
+
+    Raises:
+        DataError: a CLAM split file that names slides outside the cohort, or puts a patient
+            in two parts (:func:`read_clam_split`).
+    """
+    found = Path(cohort_dir) / CLAM_SPLIT if cohort_dir is not None else None
+    if clam_split is None and fold is None and found is not None and found.is_file():
+        clam_split = found
+    if clam_split is not None:
+        split = read_clam_split(clam_split, _slide_reference(cohort, cohort_dir))
+        keep = set(cohort.case_ids)  # a cohort loaded for its genes alone may hold fewer cases
+        split = {part: [c for c in ids if c in keep] for part, ids in split.items()}
+        source: dict = {"kind": "clam_file", "file": str(clam_split)}
+    elif fold is not None:
+        folds = kfold_splits(cohort, k=k, seed=seed)
+        if not 0 <= fold < len(folds):
+            raise ValueError(f"fold {fold} out of range: {len(folds)} folds")
+        split, source = folds[fold], {"kind": "fold", "fold": int(fold), "k": int(k), "seed": int(seed)}
+    else:
+        split = train_val_test_split(cohort, seed=seed, sizes=sizes)
+        source = {"kind": "seeded", "seed": int(seed), "sizes": [float(x) if x % 1 else int(x) for x in sizes]}
+    check_disjoint(split)
+    return {part: list(split[part]) for part in PARTS}, source
+
+
+def _slide_reference(cohort: Cohort, cohort_dir: str | os.PathLike | None) -> Cohort:
+    """The cohort that maps a CLAM split file's slide ids to cases: ``cohort`` itself, or, when it was
+    loaded for its genes alone (no slides table), the same folder loaded for its slides."""
+    if cohort.has_slides or cohort_dir is None:
+        return cohort
+    try:
+        return load_cohort(cohort_dir, require=("slides",), drop_incomplete=True, verbose=False)
+    except DataError:  # a genes-only folder: its split files name cases
+        return cohort
+
+
+def describe_split_source(source: dict) -> str:
+    """One line for a :func:`decide_split` source record, e.g. ``"seeded split (seed 0)"``."""
+    kind = source.get("kind")
+    if kind == "clam_file":
+        return f"CLAM split file {source['file']}"
+    if kind == "fold":
+        return f"fold {source['fold']} of {source['k']} (seed {source['seed']})"
+    if kind == "seeded":
+        return f"seeded split (seed {source['seed']}, sizes {'/'.join(str(x) for x in source['sizes'])})"
+    if kind == "reused":
+        return f"reused {source['file']}"
+    return str(source)

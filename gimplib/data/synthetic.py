@@ -61,7 +61,6 @@ __all__ = [
     "TISSUE_TYPES",
     "generate_cohort",
     "main",
-    "resolve_cohort_dir",
     "tumour_masks",
 ]
 
@@ -659,35 +658,6 @@ def _install(tmp: Path, out_dir: Path, request: dict[str, Any], overwrite: bool)
         shutil.rmtree(tmp, ignore_errors=True)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def resolve_cohort_dir(
-    workdir: str | os.PathLike,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    preset: str = "demo",
-    seed: int = 0,
-    **overrides: Any,
-) -> Path:
-    """The cohort folder a notebook should load: ``data_dir``, or the synthetic default.
-
-    Args:
-        workdir: the run's working folder; the synthetic cohort lives in
-            ``workdir/01_data/cohort`` (generated on first use, then reused).
-        data_dir: a real cohort folder (CLAM layout); returned as is when given.
-        preset: synthetic preset when ``data_dir`` is None.
-        seed: synthetic seed when ``data_dir`` is None.
-        **overrides: synthetic settings (see :func:`generate_cohort`).
-
-    Returns:
-        The folder's Path.
-    """
-    if data_dir is not None and str(data_dir) != "":
-        data_dir = Path(data_dir).expanduser()
-        if not data_dir.is_dir():
-            raise DataError(f"{data_dir}: data_dir not found; expected a cohort folder with dataset.csv")
-        return data_dir
-    return generate_cohort(Path(workdir) / "01_data" / "cohort", preset=preset, seed=seed, **overrides)
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import yaml
 
 from gimplib.data.cohort import load_cohort
-from gimplib.data.splits import kfold_splits, read_clam_split, train_val_test_split
+from gimplib.data.splits import decide_split
 from gimplib.data.synthetic import generate_cohort
 from gimplib.train import checkpoint, pretraining, tasks
 from gimplib.train.inference import gene_encoder_spec
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-ckpt", type=Path, help="gene encoder best.pt (task pretrain; default: none)")
     p.add_argument("--pretrained-ckpt", type=Path, help="pretraining checkpoint.pt (task finetune; default: none)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
-    p.add_argument("--clam-split", type=Path, help="a CLAM splits_{k}.csv to use instead (default: none)")
+    p.add_argument("--clam-split", type=Path,
+                   help="a CLAM splits_{k}.csv to use (default: the cohort's splits/splits_0.csv when present, else seeded)")
     p.add_argument("--k", type=int, help="number of folds (with --fold; default 5)")
     p.add_argument("--fold", type=int, help="fold index of a patient-grouped k-fold split (default: no folds)")
     p.add_argument("--num-epochs", type=int, help="training epochs (default: the task's, e.g. 50 genes, 70 finetune)")
@@ -106,12 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gene_encoder_spec(checkpoint.load_checkpoint(args.pretrained_ckpt)) is not None:
                 require = ("slides", "genes")  # the classifier reads concat(CLS_img, CLS_ge)
         cohort = load_cohort(data_dir, require=require, drop_incomplete=args.drop_incomplete)
-        if args.clam_split:
-            split = read_clam_split(args.clam_split, cohort)
-        elif args.fold is not None:
-            split = kfold_splits(cohort, k=args.k or 5, seed=args.split_seed)[args.fold]
-        else:
-            split = train_val_test_split(cohort, seed=args.split_seed)
+        split, _ = decide_split(cohort, cohort_dir=data_dir, clam_split=args.clam_split, fold=args.fold,
+                                k=args.k or 5, seed=args.split_seed)
         if args.task == "genes":
             result = tasks.train_gene_encoder(cohort, split, **kwargs)
         elif args.task == "pretrain":
