@@ -287,6 +287,7 @@ def test_gimp_train_takes_its_split_from_the_same_rule(tmp_path, smoke_dir, monk
     import json
 
     import gimplib.data.splits as splits
+    import gimplib.train.cli as cli
     from gimplib.train.cli import main
 
     data = _copy(smoke_dir, tmp_path / "data")
@@ -296,7 +297,7 @@ def test_gimp_train_takes_its_split_from_the_same_rule(tmp_path, smoke_dir, monk
     write_clam_split(data / "splits" / "splits_0.csv", clam, cohort)
     chosen = []
     real = splits.decide_split
-    monkeypatch.setattr(splits, "decide_split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    monkeypatch.setattr(cli, "decide_split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
     rc = main(["genes", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--num-epochs", "1", "--no-progress",
                "--device", "cpu", "--set", "encoder=snn"])
     assert rc == 0, capsys.readouterr().err
