@@ -93,6 +93,52 @@ def test_notebook_is_its_own_source_and_its_shared_parts_agree(stem):
     assert not (ROOT / "dev" / "make_notebooks.py").exists(), "the notebooks are their own source: no generator"
 
 
+_HIDDEN = {"hide-input", "remove-input", "remove-cell", "hide-cell"}
+
+
+@pytest.mark.parametrize("stem", STAGES)
+def test_the_first_visible_code_of_a_stage_teaches_and_the_page_has_a_header_and_exercises(stem):
+    """Imports, the Stage set-up and the parameters are hidden on the page; a header says what
+    the stage teaches, and its exercises only name parameters the notebook declares."""
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    visible = [c for c in nb.cells if c.cell_type == "code" and not _HIDDEN & set(c.get("metadata", {}).get("tags", []))]
+    assert visible, f"{stem}: no visible code"
+    first = visible[0].source.lstrip()
+    assert not first.startswith(("%matplotlib", "import ", "from ", "stage = Stage.open")), (
+        f"{stem}: the first visible code cell is set-up, not teaching: {first[:80]!r}")
+    params = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assert "remove-cell" in params.metadata["tags"], f"{stem}: the parameters cell shows on the page"
+    assert any("this_run()" in c.source for c in nb.cells), f"{stem}: no 'this run' table"
+    assert "In this stage" in nb.cells[1].source and "**Time**" in nb.cells[1].source, f"{stem}: no header after the title"
+    exercises = [c for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Exercises")]
+    assert len(exercises) == 1, f"{stem}: expected one exercises cell"
+    named = set(re.findall(r"-p (\w+)", exercises[0].source))
+    assert len(re.findall(r"^\d+\. ", exercises[0].source, flags=re.M)) >= 2, f"{stem}: fewer than two exercises"
+    undeclared = named - set(book.declared_parameters(NOTEBOOKS / f"{stem}.ipynb"))
+    assert not undeclared, f"{stem}: exercises name parameters the notebook does not declare: {sorted(undeclared)}"
+
+
+@pytest.mark.parametrize("stem", STAGES)
+def test_every_figure_of_a_stage_is_glued_with_a_caption_label_and_alt_text(stem):
+    """Figures reach the page through {glue:figure} (caption, label, alt text); every key a page
+    shows is glued by a code cell (the book builds with warnings as errors) and vice versa."""
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    glued = set(re.findall(r'glue_figure\("([\w-]+)"', code))
+    shown = {}
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            for m in re.finditer(r"```\{glue:figure\} ([\w-]+)\n((?::[^\n]*\n)*)\n(.+?)```", c.source, flags=re.S):
+                shown[m.group(1)] = (dict(re.findall(r":(\w+): (.*)", m.group(2))), m.group(3).strip())
+    assert glued == set(shown), f"{stem}: glued {sorted(glued)} but the page shows {sorted(shown)}"
+    for key, (options, caption) in shown.items():
+        assert options.get("name") == key, f"{stem}: figure {key} has no label"
+        assert len(options.get("alt", "")) > 30 and "/" not in options["alt"], f"{stem}: figure {key} needs real alt text"
+        assert len(caption) > 40 and "{glue:text}`cohort`" in caption, f"{stem}: figure {key}'s caption must name the cohort"
+    assert "display(fig)\n" not in code.replace("for fig in", "") or stem in ("03_mpm", "06_figures"), (
+        f"{stem}: a figure displayed inline has no caption")
+
+
 def test_sync_parameter_check_rewrites_a_stale_check(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("a = 1\nb = 'x'")])
     nb.cells[1].metadata["tags"] = ["parameters"]
@@ -551,9 +597,6 @@ def test_every_page_renders_at_1280px_without_mathjax_errors(rendered_pages):
 
 @pytest.mark.notebooks
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(reason="issue 17: the display equations of notebooks 02 and 03 (restated instead of cited with "
-                          "{eq}) and 05's wide DataFrame still need sideways scrolling at 1280 px; the notebook "
-                          "restructure fixes them", strict=False)
 def test_notebook_pages_render_at_1280px_without_clipping(rendered_pages):
     clipped = [line for r in rendered_pages if r.page.startswith("notebooks/") for line in r.problems()]
     assert not clipped, "content clipped at 1280 px:\n" + "\n".join(clipped)

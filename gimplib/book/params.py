@@ -33,6 +33,7 @@ __all__ = [
     "parameter_check_source",
     "stage_notebooks",
     "sync_parameter_check",
+    "this_run",
     "toc_notebooks",
 ]
 
@@ -329,3 +330,38 @@ def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any
         raise ValueError("; ".join(problems))
     namespace.update(converted)
     NOTEBOOK_PARAMETERS[where] = (dict(defaults), {name: namespace[name] for name in defaults if name in namespace})
+
+
+def this_run(where: str | None = None, *, max_rows: int = 14) -> Any:
+    """A small table of what this run of a stage notebook was given, for the rendered page.
+
+    The rendered pages hide the parameters cell and papermill's injected cell; this table
+    takes their place: the cohort and the seeds always, then every parameter whose value
+    differs from the notebook's declared default (the parameter set's and ``-p`` values).
+    It reads what the notebook's hidden :func:`check_notebook_parameters` cell recorded.
+
+    Args:
+        where: the stage (``"03_mpm"``); default: the stage checked last.
+        max_rows: longer tables end with a "... n more" row.
+
+    Returns:
+        A styled ``pandas`` table (index: parameter; columns: this run, notebook default).
+
+    Raises:
+        RuntimeError: no parameter check has run in this kernel (or none for ``where``).
+    """
+    import pandas as pd
+
+    if not NOTEBOOK_PARAMETERS or (where is not None and where not in NOTEBOOK_PARAMETERS):
+        raise RuntimeError(f"this_run({where!r}): no parameter check has run here; run the notebook's cells in order")
+    where = where if where is not None else list(NOTEBOOK_PARAMETERS)[-1]
+    defaults, values = NOTEBOOK_PARAMETERS[where]
+    always = [n for n in ("data_dir", "profile", "data_seed", "seed") if n in defaults]
+    changed = [n for n in defaults if n not in always and n != "workdir" and values.get(n, defaults[n]) != defaults[n]]
+    rows = [(n, repr(values.get(n, defaults[n])), repr(defaults[n])) for n in always + changed]
+    more = len(rows) - max_rows
+    if more > 0:
+        rows = rows[:max_rows] + [("...", f"{more} more", "")]
+    frame = pd.DataFrame(rows, columns=["parameter", "this run", "notebook default"]).set_index("parameter")
+    return frame.style.set_caption(f"This run of {where}: the cohort, the seeds and every setting that differs "
+                                   "from the notebook's defaults")

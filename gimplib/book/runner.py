@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import nbformat
 import yaml
 
 from gimplib.book.params import (
@@ -155,8 +156,23 @@ def execute_notebook(
     except Exception as err:  # kernel died, bad notebook JSON, ...
         kept = _keep_failed(partial, src.stem, failed_dir or dst.parent)
         raise NotebookFailed(src.stem, None, f"{type(err).__name__}: {err}", kept) from None
+    _hide_injected_parameters(partial)
     os.replace(partial, dst)
     return time.perf_counter() - start
+
+
+def _hide_injected_parameters(path: Path) -> None:
+    """Tag papermill's injected-parameters cell ``remove-cell``: the rendered page shows the
+    notebook's small "this run" table (:func:`gimplib.book.params.this_run`) instead."""
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+            changed = True
+    if changed:
+        nbformat.write(nb, path)
 
 
 def _keep_failed(partial: Path, stem: str, failed_dir: str | os.PathLike) -> Path | None:
