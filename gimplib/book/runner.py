@@ -161,6 +161,16 @@ def execute_notebook(
     return time.perf_counter() - start
 
 
+def _drop_glued_cells(path: Path) -> None:
+    """Remove the markdown cells that show glued outputs (``{glue:figure}``) from an unexecuted
+    notebook's copy: it has no outputs to paste, and the build treats the missing keys as errors."""
+    nb = nbformat.read(path, as_version=4)
+    kept = [c for c in nb.cells if not (c.cell_type == "markdown" and "{glue:" in c.source)]
+    if len(kept) != len(nb.cells):
+        nb.cells = kept
+        nbformat.write(nb, path)
+
+
 def _hide_injected_parameters(path: Path) -> None:
     """Tag papermill's injected-parameters cell ``remove-cell``: the rendered page shows the
     notebook's small "this run" table (:func:`gimplib.book.params.this_run`) instead."""
@@ -366,6 +376,7 @@ def run_book(
                 f"`python -m gimplib.book --params demo --only {stem[:2]}` to fill it.",
                 "warning",
             )
+            _drop_glued_cells(executed_copy)
         else:
             executed_copy.unlink(missing_ok=True)
             placeholder_page(stale_md, stem, f"`notebooks/{stem}.ipynb` does not exist in this checkout.")
