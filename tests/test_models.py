@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from nystrom_attention import NystromAttention
 
 from gimplib.models import (
     SNN,
@@ -20,6 +21,7 @@ from gimplib.models import (
     aggregator_state_dict,
     random_patch_mask,
 )
+from gimplib.models.aggregator import nystrom_attention_valid
 
 D_IN = 12
 
@@ -203,6 +205,46 @@ def test_chunked_inference_matches_package_forward(n, monkeypatch):
     assert torch.allclose(a.cls, b.cls, atol=1e-5)
     assert torch.allclose(a.tokens, b.tokens, atol=1e-5)
     assert torch.allclose(a.attn, b.attn, atol=1e-7)
+
+
+def _package_and_valid(attn, x, g):
+    """Output and gradients (input, then every weight) of the package's forward with an all-True
+    mask and of nystrom_attention_valid, for the same upstream gradient g."""
+    results = []
+    for fn in (lambda t: attn(t, mask=torch.ones(t.shape[:2], dtype=torch.bool)), lambda t: nystrom_attention_valid(attn, t)):
+        t = x.clone().requires_grad_(True)
+        out = fn(t)
+        results.append([out, *torch.autograd.grad(out, [t, *attn.parameters()], g)])
+    return results
+
+
+# n + 1 tokens with 4 landmarks: n % 4 == 0 (no padding), padding inside the first segment,
+# landmarks made only of padding (5, 9 tokens; fewer tokens than landmarks: 3)
+@pytest.mark.parametrize("n,landmarks", [(4, 4), (5, 4), (9, 4), (3, 4), (16, 4), (17, 4), (61, 8), (301, 32)])
+def test_valid_attention_is_the_packages_formula(n, landmarks):
+    """The training path computes the package's forward (mask all True): outputs and gradients
+    equal in float64 to rounding, so the formula is the same."""
+    torch.manual_seed(n)
+    attn = NystromAttention(dim=16, dim_head=4, heads=4, num_landmarks=landmarks, pinv_iterations=6, residual=True)
+    attn = attn.double()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    ref, ours = _package_and_valid(attn, x, torch.randn(2, n, 16, dtype=torch.float64))
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=1e-7, atol=1e-8 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [61, 6001])
+def test_valid_attention_float32_gradients_are_right(n):
+    """In float32 every gradient of the training path is within 1e-5 of float64 truth; the
+    package's own Conv2d weight gradient (PyTorch CPU) misses by about 1e-2 at these lengths
+    when run unpadded, which is why the residual convolution runs as a Conv1d."""
+    torch.manual_seed(0)
+    attn = NystromAttention(dim=32, dim_head=8, heads=4, num_landmarks=8, pinv_iterations=6, residual=True)
+    x, g = torch.randn(1, n, 32), torch.randn(1, n, 32)
+    truth, _ = _package_and_valid(copy.deepcopy(attn).double(), x.double(), g.double())
+    _, ours = _package_and_valid(attn, x, g)
+    for o, t in zip(ours, truth):
+        assert ((o.double() - t).abs().max() / t.abs().max()).item() < 1e-5
 
 
 def test_cls_attention_is_the_exact_softmax_row():

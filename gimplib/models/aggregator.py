@@ -74,14 +74,14 @@ from math import ceil
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from nystrom_attention import NystromAttention
 from nystrom_attention.nystrom_attention import moore_penrose_iter_pinv
 from torch import Tensor, nn
 
 from gimplib.utils import exists
 
-__all__ = ["AggregatorOutput", "NystromLayer", "PatchAggregator", "nystrom_attention_chunked"]
+__all__ = ["AggregatorOutput", "NystromLayer", "PatchAggregator", "nystrom_attention_chunked", "nystrom_attention_valid"]
 
 
 @dataclass
@@ -143,8 +143,7 @@ class NystromLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(b, n, dim) tokens, all valid -> (b, n, dim)."""
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        x = x + self.attn(self.norm(x), mask=valid)
+        x = x + nystrom_attention_valid(self.attn, self.norm(x))
         if exists(self.ff):
             x = x + self.ff(x)
         return x
@@ -158,6 +157,86 @@ class NystromLayer(nn.Module):
             for s in range(0, n, chunk_size):
                 x[s : s + chunk_size] += self.ff(x[s : s + chunk_size])
         return x
+
+
+def nystrom_attention_valid(attn: NystromAttention, x: Tensor) -> Tensor:
+    """``attn(x, mask=all True)`` of the package, computed without its wasted work.
+
+    The same formula as ``NystromAttention.forward`` with an all-True mask (left padding to a
+    multiple of the landmarks, landmarks as masked segment means, landmarks made only of
+    padding masked, the package's iterative pseudo-inverse with its batch-wide scale, the
+    depth-wise residual convolution over values), autograd-friendly, but: no padded rows are
+    projected, no (b, h, n, landmarks) mask is filled, and the product is re-associated as
+    ``A1 (A2^+ (A3 V))`` so the (n, landmarks) x (landmarks, landmarks) product is never
+    formed (issue 14; equal to the package's forward to float precision, tested).
+
+    Args:
+        attn: the package module (its weights and settings are used as they are).
+        x: (b, n, dim) tokens (already normalised), every row valid.
+
+    Returns:
+        (b, n, dim) attention output (after ``attn.to_out``, dropout included).
+    """
+    assert x.ndim == 3, f"expected tokens (b, n, dim), got shape {tuple(x.shape)}"
+    b, n, _ = x.shape
+    h, m = attn.heads, attn.num_landmarks
+    seg_len = ceil(n / m)  # tokens per landmark segment
+    pad = m * seg_len - n  # the package pads on the left (0 when n % m == 0)
+    empty = pad // seg_len  # leading landmarks made only of padding
+    first = seg_len - pad % seg_len  # real tokens in the first non-empty segment
+
+    # landmarks: segment means of the tokens, projected (the projection is linear, so this
+    # is the package's mean of projected queries / keys, without a padded copy)
+    x_sum = torch.cat([x[:, :first].sum(1, keepdim=True), reduce(x[:, first:], "b (m l) d -> b m d", "sum", l=seg_len)], 1)
+    count = torch.full((m - empty, 1), float(seg_len), dtype=x.dtype, device=x.device)
+    count[0] = first
+    x_land = x_sum / (count + attn.eps)
+    w_q, w_k, _ = attn.to_qkv.weight.chunk(3, dim=0)
+    q_land = rearrange(F.linear(x_land, w_q), "b m (h d) -> b h m d", h=h) * attn.scale
+    k_land = rearrange(F.linear(x_land, w_k), "b m (h d) -> b h m d", h=h)
+
+    q, k, v_rows = F.linear(x, attn.to_qkv.weight).chunk(3, dim=-1)
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h).contiguous() for t in (q, k, v_rows))
+
+    # landmark kernel; a landmark made only of padding has a uniform row and a zero column
+    attn2 = (q_land @ k_land.transpose(-1, -2)).softmax(dim=-1)
+    attn3_v = (q_land @ k.transpose(-1, -2)).softmax(dim=-1) @ v  # (b, h, m - empty, dh)
+    if empty:
+        attn2 = torch.cat(
+            [attn2.new_full((b, h, empty, m), 1.0 / m), F.pad(attn2, (empty, 0))], dim=2
+        )
+        # its A3 row is uniform over all n + pad keys, whose padded values are 0
+        uniform_v = (v.sum(dim=2, keepdim=True) / (n + pad)).expand(b, h, empty, v.shape[-1])
+        attn3_v = torch.cat([uniform_v, attn3_v], dim=2)
+    attn2_inv = moore_penrose_iter_pinv(attn2, attn.pinv_iterations)
+    z = attn2_inv[:, :, empty:] @ attn3_v  # rows of the landmarks the queries can see
+
+    out = (q @ (k_land * attn.scale).transpose(-1, -2)).softmax(dim=-1) @ z
+    if attn.residual:
+        out = out + rearrange(_residual_conv(attn.res_conv.weight, v_rows), "b (h d) n -> b h n d", h=h)
+    return attn.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _residual_conv(weight: Tensor, v_rows: Tensor) -> Tensor:
+    """The package's depth-wise residual convolution of values, as a 1-d convolution.
+
+    ``res_conv`` is a ``Conv2d(h, h, (kernel, 1), groups=h)`` over (b, h, n, dh) values; here
+    each of the ``h * dh`` value channels is convolved along the sequence with its head's
+    kernel. Same numbers, but PyTorch's CPU (oneDNN) gradient of the 2-d form's weight is
+    wrong by up to 10 % relative for some lengths (measured: n = 61, 6001, 6016; right for
+    6144, the package's padded length at paper shapes), while this form's is right.
+
+    Args:
+        weight: (h, 1, kernel, 1) ``res_conv.weight``.
+        v_rows: (b, n, h * dh) values, token-major.
+
+    Returns:
+        (b, h * dh, n) the convolved values, channel-major.
+    """
+    h, _, kernel, _ = weight.shape
+    dh = v_rows.shape[-1] // h
+    w = weight[..., 0].repeat_interleave(dh, dim=0)  # (h * dh, 1, kernel)
+    return F.conv1d(v_rows.transpose(1, 2), w, padding=kernel // 2, groups=h * dh)
 
 
 @torch.no_grad()
