@@ -237,7 +237,7 @@ def test_valid_attention_is_the_packages_formula(n, landmarks):
 def test_valid_attention_float32_gradients_are_right(n):
     """In float32 every gradient of the training path is within 1e-5 of float64 truth; the
     package's own Conv2d weight gradient (PyTorch CPU) misses by about 1e-2 at these lengths
-    when run unpadded, which is why the residual convolution runs as a Conv1d."""
+    when run unpadded, which is why the residual convolution runs as matmuls."""
     torch.manual_seed(0)
     attn = NystromAttention(dim=32, dim_head=8, heads=4, num_landmarks=8, pinv_iterations=6, residual=True)
     x, g = torch.randn(1, n, 32), torch.randn(1, n, 32)
@@ -245,6 +245,35 @@ def test_valid_attention_float32_gradients_are_right(n):
     _, ours = _package_and_valid(attn, x, g)
     for o, t in zip(ours, truth):
         assert ((o.double() - t).abs().max() / t.abs().max()).item() < 1e-5
+
+
+def test_valid_attention_at_some_rows_is_those_rows_of_the_full_output():
+    torch.manual_seed(0)
+    attn = NystromAttention(dim=16, dim_head=4, heads=4, num_landmarks=4, pinv_iterations=6, residual=True).double()
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    rows = torch.tensor([[0, 3, 4, 18], [0, 1, 7, 9]])
+    full = nystrom_attention_valid(attn, x)
+    torch.testing.assert_close(nystrom_attention_valid(attn, x, rows), full.gather(1, rows[..., None].expand(-1, -1, 16)))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_encode_with_need_gives_the_needed_rows_and_cls_with_their_gradients(padded):
+    """encode(need=...) (MPM: only masked rows are read) equals the full encode at those rows."""
+    torch.manual_seed(0)
+    agg = _agg().double()
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    if padded:
+        mask[1, 15:] = False
+    need = random_patch_mask(mask, 0.5, torch.Generator().manual_seed(0))
+    full, part = agg.encode(x, mask), agg.encode(x, mask, need=need)
+    torch.testing.assert_close(part.cls, full.cls)
+    torch.testing.assert_close(part.tokens[need], full.tokens[need])
+    assert torch.all(part.tokens[~need] == 0)
+    loss = lambda out: out.cls.pow(2).sum() + out.tokens[need].pow(2).sum()  # noqa: E731
+    params = [p for name, p in agg.named_parameters() if not name.startswith("proj.")]  # encode starts after it
+    for g, r in zip(torch.autograd.grad(loss(part), params), torch.autograd.grad(loss(full), params)):
+        torch.testing.assert_close(g, r)
 
 
 def test_cls_attention_is_the_exact_softmax_row():

@@ -39,7 +39,7 @@ def _train_and_score(seg: int, *, cut_context: bool = False, steps: int = 300) -
     g = torch.Generator().manual_seed(0)
     model.init_decoder_bias(_segments(g, b=64, n=n, seg=seg).mean((0, 1)))
     if cut_context:  # a deliberately broken wiring: every token sees only itself
-        model.aggregator.encode = lambda x, mask=None, return_attn=False: type("Out", (), {"tokens": x})()
+        model.aggregator.encode = lambda x, mask=None, return_attn=False, need=None: type("Out", (), {"tokens": x})()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):

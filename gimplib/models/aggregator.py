@@ -81,7 +81,13 @@ from torch import Tensor, nn
 
 from gimplib.utils import exists
 
-__all__ = ["AggregatorOutput", "NystromLayer", "PatchAggregator", "nystrom_attention_chunked", "nystrom_attention_valid"]
+__all__ = [
+    "AggregatorOutput",
+    "NystromLayer",
+    "PatchAggregator",
+    "nystrom_attention_chunked",
+    "nystrom_attention_valid",
+]
 
 
 @dataclass
@@ -141,9 +147,10 @@ class NystromLayer(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(b, n, dim) tokens, all valid -> (b, n, dim)."""
-        x = x + nystrom_attention_valid(self.attn, self.norm(x))
+    def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """(b, n, dim) tokens, all valid -> (b, n, dim), or (b, r, dim) at ``rows`` (b, r) only."""
+        attn = nystrom_attention_valid(self.attn, self.norm(x), rows)
+        x = (x if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))) + attn
         if exists(self.ff):
             x = x + self.ff(x)
         return x
@@ -159,7 +166,7 @@ class NystromLayer(nn.Module):
         return x
 
 
-def nystrom_attention_valid(attn: NystromAttention, x: Tensor) -> Tensor:
+def nystrom_attention_valid(attn: NystromAttention, x: Tensor, rows: Tensor | None = None) -> Tensor:
     """``attn(x, mask=all True)`` of the package, computed without its wasted work.
 
     The same formula as ``NystromAttention.forward`` with an all-True mask (left padding to a
@@ -173,9 +180,12 @@ def nystrom_attention_valid(attn: NystromAttention, x: Tensor) -> Tensor:
     Args:
         attn: the package module (its weights and settings are used as they are).
         x: (b, n, dim) tokens (already normalised), every row valid.
+        rows: (b, r) long, the only rows whose output is wanted (None: all); every token
+            still serves as key, value and landmark, only the queries are cut.
 
     Returns:
-        (b, n, dim) attention output (after ``attn.to_out``, dropout included).
+        (b, n, dim) attention output (after ``attn.to_out``, dropout included), or
+        (b, r, dim) at ``rows``.
     """
     assert x.ndim == 3, f"expected tokens (b, n, dim), got shape {tuple(x.shape)}"
     b, n, _ = x.shape
@@ -195,8 +205,13 @@ def nystrom_attention_valid(attn: NystromAttention, x: Tensor) -> Tensor:
     q_land = rearrange(F.linear(x_land, w_q), "b m (h d) -> b h m d", h=h) * attn.scale
     k_land = rearrange(F.linear(x_land, w_k), "b m (h d) -> b h m d", h=h)
 
-    q, k, v_rows = F.linear(x, attn.to_qkv.weight).chunk(3, dim=-1)
-    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h).contiguous() for t in (q, k, v_rows))
+    if rows is None:
+        q, k, v = rearrange(F.linear(x, attn.to_qkv.weight), "b n (three h d) -> three b h n d", three=3, h=h)
+    else:
+        k, v = rearrange(F.linear(x, attn.to_qkv.weight[w_q.shape[0] :]), "b n (two h d) -> two b h n d", two=2, h=h)
+        x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        q = rearrange(F.linear(x_rows, w_q), "b r (h d) -> b h r d", h=h)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
     # landmark kernel; a landmark made only of padding has a uniform row and a zero column
     attn2 = (q_land @ k_land.transpose(-1, -2)).softmax(dim=-1)
@@ -213,30 +228,43 @@ def nystrom_attention_valid(attn: NystromAttention, x: Tensor) -> Tensor:
 
     out = (q @ (k_land * attn.scale).transpose(-1, -2)).softmax(dim=-1) @ z
     if attn.residual:
-        out = out + rearrange(_residual_conv(attn.res_conv.weight, v_rows), "b (h d) n -> b h n d", h=h)
+        conv = _residual_conv(attn.res_conv.weight, v)
+        if rows is not None:
+            conv = conv.gather(2, repeat(rows, "b r -> b h r d", h=h, d=conv.shape[-1]))
+        out = out + conv
     return attn.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-def _residual_conv(weight: Tensor, v_rows: Tensor) -> Tensor:
-    """The package's depth-wise residual convolution of values, as a 1-d convolution.
+def _residual_conv(weight: Tensor, v: Tensor, block: int = 32) -> Tensor:
+    """The package's depth-wise residual convolution of values, as block-Toeplitz matmuls.
 
-    ``res_conv`` is a ``Conv2d(h, h, (kernel, 1), groups=h)`` over (b, h, n, dh) values; here
-    each of the ``h * dh`` value channels is convolved along the sequence with its head's
-    kernel. Same numbers, but PyTorch's CPU (oneDNN) gradient of the 2-d form's weight is
-    wrong by up to 10 % relative for some lengths (measured: n = 61, 6001, 6016; right for
-    6144, the package's padded length at paper shapes), while this form's is right.
+    ``res_conv`` is a ``Conv2d(h, h, (kernel, 1), groups=h, padding=kernel // 2)`` over
+    (b, h, n, dh) values. Here the sequence is cut into blocks of ``block`` rows and each block
+    is the product of a (block, block + kernel - 1) Toeplitz matrix of its head's kernel with
+    the block's rows plus their halo. Same numbers, but PyTorch's CPU (oneDNN) gradient of the
+    Conv2d weight is off by up to 10 % relative at some lengths (measured: n = 61, 6001,
+    6016; right at 6144, the package's padded length at paper shapes), and its Conv1d form
+    is slow in backward; these matmuls are exact and fast. They do about
+    ``(block + kernel - 1) / kernel`` (1.9) times the convolution's multiply-adds.
 
     Args:
         weight: (h, 1, kernel, 1) ``res_conv.weight``.
-        v_rows: (b, n, h * dh) values, token-major.
+        v: (b, h, n, dh) values.
 
     Returns:
-        (b, h * dh, n) the convolved values, channel-major.
+        (b, h, n, dh) the convolved values.
     """
-    h, _, kernel, _ = weight.shape
-    dh = v_rows.shape[-1] // h
-    w = weight[..., 0].repeat_interleave(dh, dim=0)  # (h * dh, 1, kernel)
-    return F.conv1d(v_rows.transpose(1, 2), w, padding=kernel // 2, groups=h * dh)
+    b, h, n, dh = v.shape
+    kernel = weight.shape[2]
+    nb = ceil(n / block)
+    # one block of zeros more than needed, so every block has a full halo after it
+    v_pad = F.pad(v, (0, 0, kernel // 2, (nb + 1) * block - n - kernel // 2)).view(b, h, nb + 1, block, dh)
+    halo = torch.cat([v_pad[:, :, :-1], v_pad[:, :, 1:, : kernel - 1]], dim=3)  # (b, h, nb, block + kernel - 1, dh)
+    offset = torch.arange(block + kernel - 1, device=v.device)[None] - torch.arange(block, device=v.device)[:, None]
+    inside = (offset >= 0) & (offset < kernel)
+    toeplitz = weight[:, 0, :, 0][:, offset.clamp(0, kernel - 1)] * inside  # (h, block, block + kernel - 1)
+    out = toeplitz[None, :, None].to(v.dtype) @ halo
+    return out.reshape(b, h, nb * block, dh)[:, :, :n]
 
 
 @torch.no_grad()
@@ -450,13 +478,19 @@ class PatchAggregator(nn.Module):
     def _chunked(self, n: int) -> bool:
         return not self.training and not torch.is_grad_enabled() and n + 1 > self.chunk_size
 
-    def encode(self, x: Tensor, mask: Tensor | None = None, return_attn: bool = False) -> AggregatorOutput:
+    def encode(
+        self, x: Tensor, mask: Tensor | None = None, return_attn: bool = False, need: Tensor | None = None
+    ) -> AggregatorOutput:
         """Run CLS + Nystrom layers on already projected tokens (what MPM uses after masking).
 
         Args:
             x: (b, n, embed_dim) projected patch tokens.
             mask: (b, n) bool, True for valid tokens; None when all are valid.
             return_attn: also return the CLS attention over patches.
+            need: (b, n) bool, the only tokens whose output is wanted (MPM: the masked
+                ones); the last layer then runs its queries on those rows and CLS only, and
+                ``tokens`` is 0 elsewhere (None: every token). Skipped when the samples of
+                a call need different numbers of rows.
 
         Returns:
             :class:`AggregatorOutput`.
@@ -472,34 +506,47 @@ class PatchAggregator(nn.Module):
             if not mask.any(dim=1).all():
                 empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
                 raise ValueError(f"mask has no valid patch for batch item(s) {empty}")
+        if exists(need):
+            assert need.shape == (b, n) and need.dtype == torch.bool, (
+                f"need must be bool (b, n) = {(b, n)}, got {need.dtype} {tuple(need.shape)}"
+            )
         if not exists(mask) or bool(mask.all()):
-            return self._run(x, return_attn)
+            return self._run(x, return_attn, need)
 
         # compaction: every padded sample runs alone on its valid rows
         cls = x.new_empty(b, self.embed_dim)
         tokens = x.new_zeros(b, n, self.embed_dim)
         attn = x.new_zeros(b, n) if return_attn else None
         for i in range(b):
-            out = self._run(x[i : i + 1, mask[i]], return_attn)
+            out = self._run(x[i : i + 1, mask[i]], return_attn, need[i : i + 1, mask[i]] if exists(need) else None)
             cls[i] = out.cls[0]
             tokens[i, mask[i]] = out.tokens[0]
             if return_attn:
                 attn[i, mask[i]] = out.attn[0]
         return AggregatorOutput(cls=cls, tokens=tokens, attn=attn)
 
-    def _run(self, x: Tensor, return_attn: bool) -> AggregatorOutput:
+    def _run(self, x: Tensor, return_attn: bool, need: Tensor | None = None) -> AggregatorOutput:
         """All rows valid: prepend CLS, run the layers (chunked when long and autograd-free)."""
         b, n, _ = x.shape
         if self._chunked(n):
             return self._run_chunked(x, return_attn, embedded=True)
+        rows = None
+        if exists(need):
+            counts = need.sum(dim=1)
+            if bool((counts == counts[0]).all()):  # the last layer's queries: CLS + the needed rows
+                rows = torch.cat([need.new_zeros(b, 1, dtype=torch.long), need.nonzero()[:, 1].view(b, -1) + 1], dim=1)
         attn = None
         x = torch.cat([repeat(self.cls_token, "d -> b 1 d", b=b).to(x.dtype), x], dim=1)
         for j, layer in enumerate(self.layers):
-            if return_attn and j == len(self.layers) - 1:
+            last = j == len(self.layers) - 1
+            if return_attn and last:
                 attn = _cls_attention(layer, x, self.chunk_size)
-            x = layer(x)
+            x = layer(x, rows if last else None)
         x = self.norm(x)
-        return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn)
+        if rows is None:
+            return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn)
+        tokens = x.new_zeros(b, n, x.shape[-1]).masked_scatter(need[..., None], x[:, 1:])
+        return AggregatorOutput(cls=x[:, 0], tokens=tokens, attn=attn)
 
     @torch.no_grad()
     def _run_chunked(self, x: Tensor, return_attn: bool, embedded: bool) -> AggregatorOutput:

@@ -283,7 +283,13 @@ class GiMP(nn.Module):
         return valid
 
     def _encode_masked(
-        self, feats: Tensor, mask: Tensor | None, valid: Tensor, mpm_mask: Tensor | None, generator: torch.Generator | None
+        self,
+        feats: Tensor,
+        mask: Tensor | None,
+        valid: Tensor,
+        mpm_mask: Tensor | None,
+        generator: torch.Generator | None,
+        need_masked_only: bool = False,
     ) -> tuple[Tensor, Any]:
         if not self.use_mpm:
             raise RuntimeError("this GiMP has use_mpm=False: it has no mask token and no decoder")
@@ -300,7 +306,7 @@ class GiMP(nn.Module):
         keep = ~mpm
         tokens = self.aggregator.embed(feats[keep][None])[0]
         tokens = self.mask_token.to(tokens.dtype).expand(*mpm.shape, -1).masked_scatter(keep[..., None], tokens)
-        return mpm, self.aggregator.encode(tokens, mask)
+        return mpm, self.aggregator.encode(tokens, mask, need=mpm if need_masked_only else None)
 
     def _loss_rec(self, tokens: Tensor, feats: Tensor, mpm: Tensor) -> Tensor:
         """``L_rec`` with the decoder run on the masked rows only (what Eq. 3 reads, as in MAE).
@@ -354,7 +360,8 @@ class GiMP(nn.Module):
 
         loss_rec = zero
         if self.use_mpm:
-            mpm, out = self._encode_masked(feats, mask, valid, mpm_mask, generator)
+            # L_rec reads the masked rows and L_tri the CLS: the last layer computes only those
+            mpm, out = self._encode_masked(feats, mask, valid, mpm_mask, generator, need_masked_only=True)
             loss_rec = self._loss_rec(out.tokens, feats, mpm)
         else:
             out = self.aggregator(feats, mask)
