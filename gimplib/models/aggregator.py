@@ -267,20 +267,6 @@ def _residual_conv(weight: Tensor, v: Tensor, block: int = 32) -> Tensor:
     return out.reshape(b, h, nb * block, dh)[:, :, :n]
 
 
-def _mm_per_head(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for (B, i, k) x (B, k, j) without autograd, one ``mm`` per matrix when the
-    inner size is small (a head's width): for these output-heavy products CPU ``bmm`` reaches
-    about 35 GFLOP per CPU-second against 60-74 for separate ``mm`` calls (measured on 1 and
-    2 threads, issue 14; in the training step at 2 threads it did not pay, so only the
-    chunked inference uses it)."""
-    if a.shape[-1] > 128 or a.device.type != "cpu":
-        return torch.bmm(a, b)
-    out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
-    for i in range(a.shape[0]):
-        torch.mm(a[i], b[i], out=out[i])
-    return out
-
-
 @torch.no_grad()
 def nystrom_attention_chunked(
     attn: NystromAttention,
@@ -344,13 +330,11 @@ def nystrom_attention_chunked(
     run_max = x.new_full((h, m), float("-inf"))
     run_sum = x.new_zeros(h, m)
     acc = x.new_zeros(h, m, dh)
-    q_land_t = q_land.contiguous()
     for s in range(0, n, chunk_size):
         rows = slice(s, min(s + chunk_size, n))
         k_c, v_c = rearrange(F.linear(norm(x[rows]), w_kv), "n (two h d) -> two h n d", two=2, h=h)
         v[:, rows] = v_c
-        k_c = k_c.contiguous()
-        sim3 = _mm_per_head(q_land_t, k_c.transpose(-1, -2))  # (h, m, c)
+        sim3 = q_land @ k_c.transpose(-1, -2)  # (h, m, c)
         new_max = torch.maximum(run_max, sim3.amax(dim=-1))
         decay = torch.exp(run_max - new_max)
         p = sim3.sub_(new_max[..., None]).exp_()
@@ -371,7 +355,7 @@ def nystrom_attention_chunked(
     for s in range(0, n, chunk_size):
         rows = slice(s, min(s + chunk_size, n))
         q_c = rearrange(F.linear(norm(x[rows]), w_q), "n (h d) -> h n d", h=h) * attn.scale
-        sim1 = _mm_per_head(q_c.contiguous(), k_land_t)
+        sim1 = q_c @ k_land_t
         sim1.masked_fill_(~has_tokens, neg)
         o = sim1.softmax(dim=-1) @ z
         if attn.residual:
