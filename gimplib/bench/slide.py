@@ -108,7 +108,7 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--embed-dim", type=int, default=512)
     parser.add_argument("--num-heads", type=int, default=8)
     parser.add_argument("--num-landmarks", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=4096, help="tokens per chunk of the inference path")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="tokens per chunk of the inference path")
     parser.add_argument("--no-attn", action="store_true", help="skip the CLS attention map")
     parser.add_argument("--target-gib", type=float, default=2.0)
     parser.add_argument("--target-seconds", type=float, default=10.0)

@@ -422,7 +422,7 @@ class PatchAggregator(nn.Module):
         pinv_iterations: int = 6,
         dropout: float = 0.1,
         ff_mult: int = 0,
-        chunk_size: int = 4096,
+        chunk_size: int = 2048,
         center_proj: bool = True,
     ) -> None:
         super().__init__()
