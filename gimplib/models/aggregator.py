@@ -352,11 +352,13 @@ def nystrom_attention_chunked(
         conv_w = attn.res_conv.weight  # (h, 1, kernel, 1)
         half = conv_w.shape[2] // 2
     k_land_t = k_land.transpose(-1, -2).contiguous()
+    all_landmarks = bool(has_tokens.all())  # then there is nothing to mask (e.g. 148,570 tokens)
     for s in range(0, n, chunk_size):
         rows = slice(s, min(s + chunk_size, n))
         q_c = rearrange(F.linear(norm(x[rows]), w_q), "n (h d) -> h n d", h=h) * attn.scale
         sim1 = q_c @ k_land_t
-        sim1.masked_fill_(~has_tokens, neg)
+        if not all_landmarks:
+            sim1.masked_fill_(~has_tokens, neg)
         o = sim1.softmax(dim=-1) @ z
         if attn.residual:
             lo, hi = max(rows.start - half, 0), min(rows.stop + half, n)
