@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from nystrom_attention import NystromAttention
 
 from gimplib.models import (
     SNN,
@@ -20,6 +21,7 @@ from gimplib.models import (
     aggregator_state_dict,
     random_patch_mask,
 )
+from gimplib.models.aggregator import nystrom_attention_valid
 
 D_IN = 12
 
@@ -203,6 +205,75 @@ def test_chunked_inference_matches_package_forward(n, monkeypatch):
     assert torch.allclose(a.cls, b.cls, atol=1e-5)
     assert torch.allclose(a.tokens, b.tokens, atol=1e-5)
     assert torch.allclose(a.attn, b.attn, atol=1e-7)
+
+
+def _package_and_valid(attn, x, g):
+    """Output and gradients (input, then every weight) of the package's forward with an all-True
+    mask and of nystrom_attention_valid, for the same upstream gradient g."""
+    results = []
+    for fn in (lambda t: attn(t, mask=torch.ones(t.shape[:2], dtype=torch.bool)), lambda t: nystrom_attention_valid(attn, t)):
+        t = x.clone().requires_grad_(True)
+        out = fn(t)
+        results.append([out, *torch.autograd.grad(out, [t, *attn.parameters()], g)])
+    return results
+
+
+# n + 1 tokens with 4 landmarks: n % 4 == 0 (no padding), padding inside the first segment,
+# landmarks made only of padding (5, 9 tokens; fewer tokens than landmarks: 3)
+@pytest.mark.parametrize("n,landmarks", [(4, 4), (5, 4), (9, 4), (3, 4), (16, 4), (17, 4), (61, 8), (301, 32)])
+def test_valid_attention_is_the_packages_formula(n, landmarks):
+    """The training path computes the package's forward (mask all True): outputs and gradients
+    equal in float64 to rounding, so the formula is the same."""
+    torch.manual_seed(n)
+    attn = NystromAttention(dim=16, dim_head=4, heads=4, num_landmarks=landmarks, pinv_iterations=6, residual=True)
+    attn = attn.double()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    ref, ours = _package_and_valid(attn, x, torch.randn(2, n, 16, dtype=torch.float64))
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=1e-7, atol=1e-8 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [61, 6001])
+def test_valid_attention_float32_gradients_are_right(n):
+    """In float32 every gradient of the training path is within 1e-5 of float64 truth; the
+    package's own Conv2d weight gradient (PyTorch CPU) misses by about 1e-2 at these lengths
+    when run unpadded, which is why the residual convolution runs as matmuls."""
+    torch.manual_seed(0)
+    attn = NystromAttention(dim=32, dim_head=8, heads=4, num_landmarks=8, pinv_iterations=6, residual=True)
+    x, g = torch.randn(1, n, 32), torch.randn(1, n, 32)
+    truth, _ = _package_and_valid(copy.deepcopy(attn).double(), x.double(), g.double())
+    _, ours = _package_and_valid(attn, x, g)
+    for o, t in zip(ours, truth):
+        assert ((o.double() - t).abs().max() / t.abs().max()).item() < 1e-5
+
+
+def test_valid_attention_at_some_rows_is_those_rows_of_the_full_output():
+    torch.manual_seed(0)
+    attn = NystromAttention(dim=16, dim_head=4, heads=4, num_landmarks=4, pinv_iterations=6, residual=True).double()
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    rows = torch.tensor([[0, 3, 4, 18], [0, 1, 7, 9]])
+    full = nystrom_attention_valid(attn, x)
+    torch.testing.assert_close(nystrom_attention_valid(attn, x, rows), full.gather(1, rows[..., None].expand(-1, -1, 16)))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_encode_with_need_gives_the_needed_rows_and_cls_with_their_gradients(padded):
+    """encode(need=...) (MPM: only masked rows are read) equals the full encode at those rows."""
+    torch.manual_seed(0)
+    agg = _agg().double()
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    if padded:
+        mask[1, 15:] = False
+    need = random_patch_mask(mask, 0.5, torch.Generator().manual_seed(0))
+    full, part = agg.encode(x, mask), agg.encode(x, mask, need=need)
+    torch.testing.assert_close(part.cls, full.cls)
+    torch.testing.assert_close(part.tokens[need], full.tokens[need])
+    assert torch.all(part.tokens[~need] == 0)
+    loss = lambda out: out.cls.pow(2).sum() + out.tokens[need].pow(2).sum()  # noqa: E731
+    params = [p for name, p in agg.named_parameters() if not name.startswith("proj.")]  # encode starts after it
+    for g, r in zip(torch.autograd.grad(loss(part), params), torch.autograd.grad(loss(full), params)):
+        torch.testing.assert_close(g, r)
 
 
 def test_cls_attention_is_the_exact_softmax_row():

@@ -39,7 +39,7 @@ def _train_and_score(seg: int, *, cut_context: bool = False, steps: int = 300) -
     g = torch.Generator().manual_seed(0)
     model.init_decoder_bias(_segments(g, b=64, n=n, seg=seg).mean((0, 1)))
     if cut_context:  # a deliberately broken wiring: every token sees only itself
-        model.aggregator.encode = lambda x, mask=None, return_attn=False: type("Out", (), {"tokens": x})()
+        model.aggregator.encode = lambda x, mask=None, return_attn=False, need=None: type("Out", (), {"tokens": x})()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
@@ -275,3 +275,60 @@ def test_pretraining_logs_mpm_l1_and_references_on_the_same_masks(smoke, tmp_pat
     hist = run.history
     assert hist["val_ref_window_mean"].nunique() == 1 and hist["val_ref_mean_patch"].nunique() == 1
     assert load_checkpoint(run.checkpoint)["config"]["model_kwargs"]["rec_reduction"] == reduction
+
+
+# ------------------------------------------------------------------------- the masked-rows decoder (issue 14)
+
+
+def _full_path_loss_rec(model: GiMP, feats: torch.Tensor, mask: torch.Tensor | None, mpm: torch.Tensor) -> torch.Tensor:
+    """L_rec the way it was computed before issue 14: every position projected, the mask token
+    put in with torch.where, the decoder run on every token, masked_l1 on the full (b, n, D)."""
+    tokens = model.aggregator.embed(feats)
+    tokens = torch.where(mpm[..., None], model.mask_token, tokens)
+    pred = model.decoder(model.aggregator.encode(tokens, mask).tokens)
+    return masked_l1(pred, feats, mpm, reduction=model.rec_reduction)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_masked_rows_decoder_gives_the_full_paths_loss_and_gradients(reduction, padded):
+    """The training path projects only the visible rows and decodes only the masked ones; L_rec
+    and every gradient equal those of the full path (decoder on every token) to 1e-6."""
+    torch.manual_seed(0)
+    model = _mpm(rec_reduction=reduction, num_landmarks=8).double().train()
+    feats = torch.rand(3, 41, D_IN, dtype=torch.float64)
+    valid = torch.ones(3, 41, dtype=torch.bool)
+    if padded:
+        valid[1, 30:] = False
+        valid[2, 7:] = False
+    mask = valid if padded else None
+    mpm = random_patch_mask(valid, 0.5, torch.Generator().manual_seed(0))
+    params = model.trainable_parameters()
+
+    loss = model(feats, mask, mpm_mask=mpm)["loss_rec"]
+    grads = torch.autograd.grad(loss, params)
+    ref = _full_path_loss_rec(model, feats, mask, mpm)
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * r.abs().max().item(), msg=name)
+
+
+def test_masked_rows_decoder_matches_in_float32():
+    torch.manual_seed(1)
+    model = _mpm(num_landmarks=8).train()
+    feats = torch.rand(2, 64, D_IN)
+    mpm = random_patch_mask(torch.ones(2, 64, dtype=torch.bool), 0.5, torch.Generator().manual_seed(1))
+    params = model.trainable_parameters()
+    loss = model(feats, mpm_mask=mpm)["loss_rec"]
+    ref = _full_path_loss_rec(model, feats, None, mpm)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6 * r.abs().max().item())
+
+
+def test_masked_rows_decoder_with_nothing_masked_is_an_exact_zero():
+    model = _mpm()
+    out = model(torch.rand(2, 1, D_IN))  # floor(0.5 * 1) = 0 masked positions
+    assert out["loss_rec"].item() == 0.0
+    out["loss"].backward()  # a graph all the same

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"gimplib.bench.{argv[0]}")
     result = module.run(argv[1:])
     print(json.dumps(result, indent=2))
+    if hasattr(module, "summary"):  # the figures that matter, readable, after the JSON
+        print(module.summary(result), file=sys.stderr)
     return 0
 
 

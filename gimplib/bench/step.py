@@ -4,12 +4,16 @@ A mini-batch of 2 windows of 6,000 patches x 1024 features, aggregator width d =
 (8 heads, 256 landmarks), MPM at 50 % and the triplet loss on ``concat(CLS_img, CLS_ge)``
 with a frozen GroupMSA (d = 512) over 60,480 genes. Reports:
 
-* forward+backward wall seconds (median of ``--repeats`` steps after ``--warmup`` steps),
+* forward+backward wall seconds (median of ``--repeats`` steps after ``--warmup`` steps;
+  the gimplib and reference steps alternate, so load from other processes falls on both),
   process CPU seconds (all threads) and peak memory of a step (see :class:`gimplib.bench.slide.PeakMemory`);
 * FLOPs of one forward+backward counted with ``torch.utils.flop_counter.FlopCounterMode``
-  (matmuls, convolutions and attention kernels; element-wise work is not counted);
+  on the path that actually runs (matmuls, convolutions and attention kernels; element-wise
+  work is not counted; rows the library skips, such as the decoder on visible positions,
+  are not counted as done);
 * this machine's fp32 matmul throughput measured in the same run (square matmuls of
-  ``--matmul-size``), and the achieved fraction ``FLOPs / seconds / throughput``;
+  ``--matmul-size``, before and after the steps, the higher of the two), and the achieved
+  fraction ``FLOPs / seconds / throughput``;
 * the same step with the aggregator composed directly from ``nystrom-attention``,
   TransMIL-style (Linear + ReLU, CLS, two ``x + NystromAttention(LayerNorm(x))`` layers
   called without a mask, LayerNorm), and the time ratio gimplib / reference.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,7 +41,7 @@ from gimplib.losses import masked_l1, triplet_loss
 from gimplib.models import GiMP, GroupMSA, random_patch_mask
 from gimplib.utils import get_device, seed_everything
 
-__all__ = ["ReferenceAggregator", "matmul_throughput", "run"]
+__all__ = ["ReferenceAggregator", "matmul_throughput", "run", "summary"]
 
 
 class ReferenceAggregator(nn.Module):
@@ -93,28 +98,73 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(step: Callable[[], Tensor], device: torch.device, warmup: int, repeats: int) -> dict:
+def _time_steps(steps: dict[str, Callable[[], Tensor]], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Time the steps *interleaved* (a, b, a, b, ...), so that load from other processes on a
+    shared machine falls on each alike and their ratio stays meaningful."""
     for _ in range(warmup):
-        step().backward()
-    times, cpu_times = [], []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
+        for step in steps.values():
+            step().backward()
+    times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             step().backward()
             _sync(device)
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-    with FlopCounterMode(display=False) as counter:
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    out = {}
+    for name, step in steps.items():
+        with PeakMemory(device) as mem:
+            step().backward()
+        with FlopCounterMode(display=False) as counter:
+            step().backward()
+        out[name] = {
+            "seconds": round(statistics.median(times[name]), 4),
+            "seconds_all": [round(t, 4) for t in times[name]],
+            "cpu_seconds": round(statistics.median(cpu_times[name]), 4),
+            "peak_gib": round(mem.peak_gib, 3),
+            "start_gib": round(mem.start_gib, 3),
+            "flops": int(counter.get_total_flops()),
+        }
+    return out
+
+
+def _profile(step: Callable[[], Tensor], path: str) -> None:
+    """Write ``torch.profiler`` tables (by op, by op and shape, by stack) of one step to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step().backward()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True) as prof:
         step().backward()
-    return {
-        "seconds": round(statistics.median(times), 4),
-        "seconds_all": [round(t, 4) for t in times],
-        "cpu_seconds": round(statistics.median(cpu_times), 4),
-        "peak_gib": round(mem.peak_gib, 3),
-        "start_gib": round(mem.start_gib, 3),
-        "flops": int(counter.get_total_flops()),
-    }
+    by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=80
+    )
+    by_stack = prof.key_averages(group_by_stack_n=5).table(
+        sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=40, max_src_column_width=90
+    )
+    Path(path).write_text(f"{by_op}\n\n{by_shape}\n\n{by_stack}\n")
+
+
+def summary(result: dict) -> str:
+    """The figures of a ``step`` result on a few lines (what the CLI prints to stderr)."""
+    lines = []
+    for key in ("gimplib", "reference"):
+        if key in result:
+            r = result[key]
+            lines.append(
+                f"{key:>9}: {r['seconds']:.3f} s/step (CPU {r['cpu_seconds']:.2f} s), {r['flops'] / 1e9:.1f} GFLOP, "
+                f"{r['achieved_gflops']:.1f} GFLOP/s = {r['achieved_fraction_of_matmul']:.3f} of matmul"
+            )
+    lines.append(f"   matmul: {result['matmul_fp32_gflops']:.1f} GFLOP/s fp32 ({result['torch_threads']} threads)")
+    if "time_ratio_gimplib_over_reference" in result:
+        lines.append(
+            f"    ratio: gimplib / reference = {result['time_ratio_gimplib_over_reference']:.3f} "
+            f"(CPU time {result['cpu_ratio_gimplib_over_reference']:.3f})"
+        )
+    return "\n".join(lines)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -130,11 +180,12 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--genes", type=int, default=60_480)
     parser.add_argument("--gene-embed-dim", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--matmul-seconds", type=float, default=2.0, help="how long to time the matmuls")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference composition")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", default=None, help="also write torch.profiler tables of one gimplib step here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -159,19 +210,13 @@ def run(argv: list[str] | None = None) -> dict:
         model.zero_grad(set_to_none=True)
         return model.pretrain_step(feats, None, genes, y)["loss"]
 
-    result = {
-        "benchmark": "step",
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "shapes": {"windows": b, "window_len": n, "in_dim": args.in_dim, "embed_dim": args.embed_dim, "genes": args.genes},
-        "gimplib": _measure(gimp_step, device, args.warmup, args.repeats),
-    }
-
+    steps = {"gimplib": gimp_step}
     if not args.no_reference:
         reference = ReferenceAggregator(
             in_dim=args.in_dim, embed_dim=args.embed_dim, depth=2, num_heads=args.num_heads, num_landmarks=args.num_landmarks
         ).to(device).train()
-        # the same MPM + triplet step around it: mask token, decoder and frozen encoder from the GiMP model
+        # the same MPM + triplet step around it, composed by hand as a user of the package
+        # would (mask token on every projected token, decoder on every token): the yardstick
         valid = torch.ones(b, n, dtype=torch.bool, device=device)
 
         def reference_step() -> Tensor:
@@ -181,18 +226,30 @@ def run(argv: list[str] | None = None) -> dict:
             mpm = random_patch_mask(valid, model.mask_ratio)
             tokens = torch.where(mpm[..., None], model.mask_token, tokens)
             cls, out = reference(tokens)
-            loss_rec = masked_l1(model.decoder(out), feats, mpm)
+            loss_rec = masked_l1(model.decoder(out), feats, mpm, reduction=model.rec_reduction)
             with torch.no_grad():
                 cls_ge = model.gene_encoder(genes)
             emb = torch.cat([nn.functional.normalize(cls, dim=-1), nn.functional.normalize(cls_ge, dim=-1)], -1)
             return loss_rec + triplet_loss(emb, y, margin=model.margin)
 
-        result["reference"] = _measure(reference_step, device, args.warmup, args.repeats)
-        result["time_ratio_gimplib_over_reference"] = round(
-            result["gimplib"]["seconds"] / result["reference"]["seconds"], 3
-        )
+        steps["reference"] = reference_step
 
-    throughput = matmul_throughput(device, args.matmul_size, args.matmul_seconds)
+    if args.profile:
+        _profile(gimp_step, args.profile)
+    matmul_before = matmul_throughput(device, args.matmul_size, args.matmul_seconds)
+    result = {
+        "benchmark": "step",
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "shapes": {"windows": b, "window_len": n, "in_dim": args.in_dim, "embed_dim": args.embed_dim, "genes": args.genes},
+        **_time_steps(steps, device, args.warmup, args.repeats),
+    }
+    if "reference" in result:
+        for key, field in (("time_ratio_gimplib_over_reference", "seconds"), ("cpu_ratio_gimplib_over_reference", "cpu_seconds")):
+            result[key] = round(result["gimplib"][field] / result["reference"][field], 3)
+
+    # measured after the steps and once more before them: the higher figure is the denominator
+    throughput = max(matmul_before, matmul_throughput(device, args.matmul_size, args.matmul_seconds))
     result["matmul_fp32_gflops"] = round(throughput / 1e9, 2)
     for key in ("gimplib", "reference"):
         if key in result:

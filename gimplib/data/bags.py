@@ -81,7 +81,10 @@ def _open_h5(path: Path) -> h5py.File:
     if not path.exists():
         raise DataError(f"{path}: bag file not found")
     try:
-        return h5py.File(path, "r")
+        # no chunk cache: a window is whole chunks plus two partial ones, read once each, and
+        # without the cache HDF5 reads them straight into the output (a window read measured
+        # 2.8 vs 3.5 ms on CLAM's (32, 1024) chunks; issue 14)
+        return h5py.File(path, "r", rdcc_nbytes=0)
     except OSError as err:
         raise DataError(f"{path}: cannot be read as HDF5 ({err}); expected a CLAM h5 bag") from err
 

@@ -39,14 +39,20 @@ from math import ceil
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from nystrom_attention import NystromAttention
 from nystrom_attention.nystrom_attention import moore_penrose_iter_pinv
 from torch import Tensor, nn
 
 from gimplib.utils import exists
 
-__all__ = ["AggregatorOutput", "NystromLayer", "PatchAggregator", "nystrom_attention_chunked"]
+__all__ = [
+    "AggregatorOutput",
+    "NystromLayer",
+    "PatchAggregator",
+    "nystrom_attention_chunked",
+    "nystrom_attention_valid",
+]
 
 
 @dataclass
@@ -106,10 +112,10 @@ class NystromLayer(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(b, n, dim) tokens, all valid -> (b, n, dim)."""
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        x = x + self.attn(self.norm(x), mask=valid)
+    def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """(b, n, dim) tokens, all valid -> (b, n, dim), or (b, r, dim) at ``rows`` (b, r) only."""
+        attn = nystrom_attention_valid(self.attn, self.norm(x), rows)
+        x = (x if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))) + attn
         if exists(self.ff):
             x = x + self.ff(x)
         return x
@@ -125,16 +131,125 @@ class NystromLayer(nn.Module):
         return x
 
 
+def nystrom_attention_valid(attn: NystromAttention, x: Tensor, rows: Tensor | None = None) -> Tensor:
+    """``attn(x, mask=all True)`` of the package, computed without its wasted work.
+
+    The same formula as ``NystromAttention.forward`` with an all-True mask (left padding to a
+    multiple of the landmarks, landmarks as masked segment means, landmarks made only of
+    padding masked, the package's iterative pseudo-inverse with its batch-wide scale, the
+    depth-wise residual convolution over values), autograd-friendly, but: no padded rows are
+    projected, no (b, h, n, landmarks) mask is filled, and the product is re-associated as
+    ``A1 (A2^+ (A3 V))`` so the (n, landmarks) x (landmarks, landmarks) product is never
+    formed (issue 14; equal to the package's forward to float precision, tested).
+
+    Args:
+        attn: the package module (its weights and settings are used as they are).
+        x: (b, n, dim) tokens (already normalised), every row valid.
+        rows: (b, r) long, the only rows whose output is wanted (None: all); every token
+            still serves as key, value and landmark, only the queries are cut.
+
+    Returns:
+        (b, n, dim) attention output (after ``attn.to_out``, dropout included), or
+        (b, r, dim) at ``rows``.
+    """
+    assert x.ndim == 3, f"expected tokens (b, n, dim), got shape {tuple(x.shape)}"
+    b, n, _ = x.shape
+    h, m = attn.heads, attn.num_landmarks
+    seg_len = ceil(n / m)  # tokens per landmark segment
+    pad = m * seg_len - n  # the package pads on the left (0 when n % m == 0)
+    empty = pad // seg_len  # leading landmarks made only of padding
+    first = seg_len - pad % seg_len  # real tokens in the first non-empty segment
+
+    # landmarks: segment means of the tokens, projected (the projection is linear, so this
+    # is the package's mean of projected queries / keys, without a padded copy)
+    x_sum = torch.cat([x[:, :first].sum(1, keepdim=True), reduce(x[:, first:], "b (m l) d -> b m d", "sum", l=seg_len)], 1)
+    count = torch.full((m - empty, 1), float(seg_len), dtype=x.dtype, device=x.device)
+    count[0] = first
+    x_land = x_sum / (count + attn.eps)
+    w_q, w_k, _ = attn.to_qkv.weight.chunk(3, dim=0)
+    q_land = rearrange(F.linear(x_land, w_q), "b m (h d) -> b h m d", h=h) * attn.scale
+    k_land = rearrange(F.linear(x_land, w_k), "b m (h d) -> b h m d", h=h)
+
+    if rows is None:
+        q, k, v = rearrange(F.linear(x, attn.to_qkv.weight), "b n (three h d) -> three b h n d", three=3, h=h)
+    else:
+        k, v = rearrange(F.linear(x, attn.to_qkv.weight[w_q.shape[0] :]), "b n (two h d) -> two b h n d", two=2, h=h)
+        x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        q = rearrange(F.linear(x_rows, w_q), "b r (h d) -> b h r d", h=h)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+
+    # landmark kernel; a landmark made only of padding has a uniform row and a zero column
+    attn2 = (q_land @ k_land.transpose(-1, -2)).softmax(dim=-1)
+    attn3_v = (q_land @ k.transpose(-1, -2)).softmax(dim=-1) @ v  # (b, h, m - empty, dh)
+    if empty:
+        attn2 = torch.cat(
+            [attn2.new_full((b, h, empty, m), 1.0 / m), F.pad(attn2, (empty, 0))], dim=2
+        )
+        # its A3 row is uniform over all n + pad keys, whose padded values are 0
+        uniform_v = (v.sum(dim=2, keepdim=True) / (n + pad)).expand(b, h, empty, v.shape[-1])
+        attn3_v = torch.cat([uniform_v, attn3_v], dim=2)
+    attn2_inv = moore_penrose_iter_pinv(attn2, attn.pinv_iterations)
+    z = attn2_inv[:, :, empty:] @ attn3_v  # rows of the landmarks the queries can see
+
+    out = (q @ (k_land * attn.scale).transpose(-1, -2)).softmax(dim=-1) @ z
+    if attn.residual:
+        conv = _residual_conv(attn.res_conv.weight, v)
+        if rows is not None:
+            conv = conv.gather(2, repeat(rows, "b r -> b h r d", h=h, d=conv.shape[-1]))
+        out = out + conv
+    return attn.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _residual_conv(weight: Tensor, v: Tensor, block: int = 32) -> Tensor:
+    """The package's depth-wise residual convolution of values, as block-Toeplitz matmuls.
+
+    ``res_conv`` is a ``Conv2d(h, h, (kernel, 1), groups=h, padding=kernel // 2)`` over
+    (b, h, n, dh) values. Here the sequence is cut into blocks of ``block`` rows and each block
+    is the product of a (block, block + kernel - 1) Toeplitz matrix of its head's kernel with
+    the block's rows plus their halo. Same numbers, but PyTorch's CPU (oneDNN) gradient of the
+    Conv2d weight is off by up to 10 % relative at some lengths (measured: n = 61, 6001,
+    6016; right at 6144, the package's padded length at paper shapes), and its Conv1d form
+    is slow in backward; these matmuls are exact and fast. They do about
+    ``(block + kernel - 1) / kernel`` (1.9) times the convolution's multiply-adds.
+
+    Args:
+        weight: (h, 1, kernel, 1) ``res_conv.weight``.
+        v: (b, h, n, dh) values.
+
+    Returns:
+        (b, h, n, dh) the convolved values.
+    """
+    b, h, n, dh = v.shape
+    kernel = weight.shape[2]
+    nb = ceil(n / block)
+    # one block of zeros more than needed, so every block has a full halo after it
+    v_pad = F.pad(v, (0, 0, kernel // 2, (nb + 1) * block - n - kernel // 2)).view(b, h, nb + 1, block, dh)
+    halo = torch.cat([v_pad[:, :, :-1], v_pad[:, :, 1:, : kernel - 1]], dim=3)  # (b, h, nb, block + kernel - 1, dh)
+    offset = torch.arange(block + kernel - 1, device=v.device)[None] - torch.arange(block, device=v.device)[:, None]
+    inside = (offset >= 0) & (offset < kernel)
+    toeplitz = weight[:, 0, :, 0][:, offset.clamp(0, kernel - 1)] * inside  # (h, block, block + kernel - 1)
+    out = toeplitz[None, :, None].to(v.dtype) @ halo
+    return out.reshape(b, h, nb * block, dh)[:, :, :n]
+
+
 @torch.no_grad()
 def nystrom_attention_chunked(
-    attn: NystromAttention, norm: nn.Module, x: Tensor, *, chunk_size: int = 8192, add_to_input: bool = False
+    attn: NystromAttention,
+    norm: nn.Module,
+    x: Tensor,
+    *,
+    chunk_size: int = 8192,
+    add_to_input: bool = False,
 ) -> Tensor:
     """``attn(norm(x), mask=all True)`` of the package for one sequence, evaluated in chunks.
 
     Same formula as ``NystromAttention.forward`` (landmarks = masked segment means over the
     left-padded sequence, the package's iterative pseudo-inverse, the depth-wise residual
     convolution over values), but memory grows as O(n * dim) instead of
-    O(heads * n * landmarks): nothing of size (heads, n, landmarks) is held at once.
+    O(heads * n * landmarks): nothing of size (heads, n, landmarks) is held at once, and of
+    the projections only the values are kept for the whole sequence. Every projection is
+    computed once: landmarks come from segment means of ``norm(x)`` (the projection is
+    linear), keys are used chunk by chunk as they are made.
 
     Args:
         attn: the package module (its weights are used as they are).
@@ -152,30 +267,22 @@ def nystrom_attention_chunked(
     n = x.shape[0]
     h, m = attn.heads, attn.num_landmarks
     w_q, w_k, w_v = attn.to_qkv.weight.chunk(3, dim=0)
+    w_kv = attn.to_qkv.weight[w_q.shape[0] :]
     dh = w_q.shape[0] // h
     seg_len = ceil(n / m)  # tokens per landmark segment
     pad = (m - n % m) % m  # the package pads on the left
     seg = (torch.arange(n, device=x.device) + pad) // seg_len  # landmark index of each token
     neg = -torch.finfo(x.dtype).max
 
-    def project(rows: slice, w: Tensor) -> Tensor:
-        return rearrange(F.linear(norm(x[rows]), w), "n (h d) -> h n d", h=h)
-
-    # pass 1: keys and values of all tokens, running sums of queries and keys per landmark
-    k = x.new_empty(h, n, dh)
-    v = x.new_empty(h, n, dh)
-    q_sum = x.new_zeros(h, m, dh)
-    k_sum = x.new_zeros(h, m, dh)
+    # pass 1: landmarks from segment sums of norm(x) (no projection of the tokens yet)
+    y_sum = x.new_zeros(m, x.shape[1])
     for s in range(0, n, chunk_size):
         rows = slice(s, min(s + chunk_size, n))
-        y = norm(x[rows])
-        q_c, k_c, v_c = rearrange(F.linear(y, attn.to_qkv.weight), "n (three h d) -> three h n d", three=3, h=h)
-        k[:, rows], v[:, rows] = k_c, v_c
-        q_sum.index_add_(1, seg[rows], q_c * attn.scale)
-        k_sum.index_add_(1, seg[rows], k_c)
+        y_sum.index_add_(0, seg[rows], norm(x[rows]))
     count = torch.bincount(seg, minlength=m).to(x.dtype)
-    q_land = q_sum / (count[:, None] + attn.eps)
-    k_land = k_sum / (count[:, None] + attn.eps)
+    y_land = y_sum / (count[:, None] + attn.eps)
+    q_land = rearrange(F.linear(y_land, w_q), "m (h d) -> h m d", h=h) * attn.scale
+    k_land = rearrange(F.linear(y_land, w_k), "m (h d) -> h m d", h=h)
     has_tokens = count > 0  # landmarks made only of padding are masked, as in the package
 
     # landmark kernel and its pseudo-inverse (empty landmark rows are uniform, as in the package)
@@ -183,16 +290,19 @@ def nystrom_attention_chunked(
     sim2.masked_fill_(~(has_tokens[:, None] & has_tokens[None, :]), neg)
     attn2_inv = moore_penrose_iter_pinv(sim2.softmax(dim=-1)[None], attn.pinv_iterations)[0]
 
-    # pass 2: softmax(q_land K^T) V with a streaming softmax over key chunks
+    # pass 2: keys and values chunk by chunk; softmax(q_land K^T) V with a streaming softmax
+    v = x.new_empty(h, n, dh)
     run_max = x.new_full((h, m), float("-inf"))
     run_sum = x.new_zeros(h, m)
     acc = x.new_zeros(h, m, dh)
     for s in range(0, n, chunk_size):
         rows = slice(s, min(s + chunk_size, n))
-        sim3 = q_land @ k[:, rows].transpose(-1, -2)  # (h, m, c)
+        k_c, v_c = rearrange(F.linear(norm(x[rows]), w_kv), "n (two h d) -> two h n d", two=2, h=h)
+        v[:, rows] = v_c
+        sim3 = q_land @ k_c.transpose(-1, -2)  # (h, m, c)
         new_max = torch.maximum(run_max, sim3.amax(dim=-1))
         decay = torch.exp(run_max - new_max)
-        p = torch.exp(sim3 - new_max[..., None])
+        p = sim3.sub_(new_max[..., None]).exp_()
         run_sum = run_sum * decay + p.sum(dim=-1)
         acc = acc * decay[..., None] + p @ v[:, rows]
         run_max = new_max
@@ -206,11 +316,14 @@ def nystrom_attention_chunked(
     if attn.residual:
         conv_w = attn.res_conv.weight  # (h, 1, kernel, 1)
         half = conv_w.shape[2] // 2
+    k_land_t = k_land.transpose(-1, -2).contiguous()
+    all_landmarks = bool(has_tokens.all())  # then there is nothing to mask (e.g. 148,570 tokens)
     for s in range(0, n, chunk_size):
         rows = slice(s, min(s + chunk_size, n))
-        q_c = project(rows, w_q) * attn.scale
-        sim1 = q_c @ k_land.transpose(-1, -2)
-        sim1.masked_fill_(~has_tokens, neg)
+        q_c = rearrange(F.linear(norm(x[rows]), w_q), "n (h d) -> h n d", h=h) * attn.scale
+        sim1 = q_c @ k_land_t
+        if not all_landmarks:
+            sim1.masked_fill_(~has_tokens, neg)
         o = sim1.softmax(dim=-1) @ z
         if attn.residual:
             lo, hi = max(rows.start - half, 0), min(rows.stop + half, n)
@@ -239,10 +352,11 @@ def _cls_attention(layer: NystromLayer, x: Tensor, chunk_size: int) -> Tensor:
     h = attn.heads
     w_q, w_k, _ = attn.to_qkv.weight.chunk(3, dim=0)
     q = rearrange(F.linear(layer.norm(x[:, :1]), w_q), "b 1 (h d) -> b h d", h=h) * attn.scale
+    # q . (W_k y) = (W_k^T q) . y per head: the keys of all tokens are never formed
+    u = torch.einsum("b h d, h d c -> b h c", q, rearrange(w_k, "(h d) c -> h d c", h=h))
     logits = []
     for s in range(0, x.shape[1], chunk_size):
-        k = rearrange(F.linear(layer.norm(x[:, s : s + chunk_size]), w_k), "b n (h d) -> b h n d", h=h)
-        logits.append(torch.einsum("b h d, b h n d -> b h n", q, k))
+        logits.append(torch.einsum("b h c, b n c -> b h n", u, layer.norm(x[:, s : s + chunk_size])))
     return torch.cat(logits, dim=-1).softmax(dim=-1).mean(dim=1)[:, 1:]
 
 
@@ -275,7 +389,7 @@ class PatchAggregator(nn.Module):
         pinv_iterations: int = 6,
         dropout: float = 0.1,
         ff_mult: int = 0,
-        chunk_size: int = 8192,
+        chunk_size: int = 2048,
         center_proj: bool = True,
     ) -> None:
         super().__init__()
@@ -336,13 +450,19 @@ class PatchAggregator(nn.Module):
     def _chunked(self, n: int) -> bool:
         return not self.training and not torch.is_grad_enabled() and n + 1 > self.chunk_size
 
-    def encode(self, x: Tensor, mask: Tensor | None = None, return_attn: bool = False) -> AggregatorOutput:
+    def encode(
+        self, x: Tensor, mask: Tensor | None = None, return_attn: bool = False, need: Tensor | None = None
+    ) -> AggregatorOutput:
         """Run CLS + Nystrom layers on already projected tokens (what MPM uses after masking).
 
         Args:
             x: (b, n, embed_dim) projected patch tokens.
             mask: (b, n) bool, True for valid tokens; None when all are valid.
             return_attn: also return the CLS attention over patches.
+            need: (b, n) bool, the only tokens whose output is wanted (MPM: the masked
+                ones); the last layer then runs its queries on those rows and CLS only, and
+                ``tokens`` is 0 elsewhere (None: every token). Skipped when the samples of
+                a call need different numbers of rows.
 
         Returns:
             :class:`AggregatorOutput`.
@@ -358,34 +478,47 @@ class PatchAggregator(nn.Module):
             if not mask.any(dim=1).all():
                 empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
                 raise ValueError(f"mask has no valid patch for batch item(s) {empty}")
+        if exists(need):
+            assert need.shape == (b, n) and need.dtype == torch.bool, (
+                f"need must be bool (b, n) = {(b, n)}, got {need.dtype} {tuple(need.shape)}"
+            )
         if not exists(mask) or bool(mask.all()):
-            return self._run(x, return_attn)
+            return self._run(x, return_attn, need)
 
         # compaction: every padded sample runs alone on its valid rows
         cls = x.new_empty(b, self.embed_dim)
         tokens = x.new_zeros(b, n, self.embed_dim)
         attn = x.new_zeros(b, n) if return_attn else None
         for i in range(b):
-            out = self._run(x[i : i + 1, mask[i]], return_attn)
+            out = self._run(x[i : i + 1, mask[i]], return_attn, need[i : i + 1, mask[i]] if exists(need) else None)
             cls[i] = out.cls[0]
             tokens[i, mask[i]] = out.tokens[0]
             if return_attn:
                 attn[i, mask[i]] = out.attn[0]
         return AggregatorOutput(cls=cls, tokens=tokens, attn=attn)
 
-    def _run(self, x: Tensor, return_attn: bool) -> AggregatorOutput:
+    def _run(self, x: Tensor, return_attn: bool, need: Tensor | None = None) -> AggregatorOutput:
         """All rows valid: prepend CLS, run the layers (chunked when long and autograd-free)."""
         b, n, _ = x.shape
         if self._chunked(n):
             return self._run_chunked(x, return_attn, embedded=True)
+        rows = None
+        if exists(need):
+            counts = need.sum(dim=1)
+            if bool((counts == counts[0]).all()):  # the last layer's queries: CLS + the needed rows
+                rows = torch.cat([need.new_zeros(b, 1, dtype=torch.long), need.nonzero()[:, 1].view(b, -1) + 1], dim=1)
         attn = None
         x = torch.cat([repeat(self.cls_token, "d -> b 1 d", b=b).to(x.dtype), x], dim=1)
         for j, layer in enumerate(self.layers):
-            if return_attn and j == len(self.layers) - 1:
+            last = j == len(self.layers) - 1
+            if return_attn and last:
                 attn = _cls_attention(layer, x, self.chunk_size)
-            x = layer(x)
+            x = layer(x, rows if last else None)
         x = self.norm(x)
-        return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn)
+        if rows is None:
+            return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn)
+        tokens = x.new_zeros(b, n, x.shape[-1]).masked_scatter(need[..., None], x[:, 1:])
+        return AggregatorOutput(cls=x[:, 0], tokens=tokens, attn=attn)
 
     @torch.no_grad()
     def _run_chunked(self, x: Tensor, return_attn: bool, embedded: bool) -> AggregatorOutput:

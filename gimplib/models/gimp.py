@@ -277,9 +277,15 @@ class GiMP(nn.Module):
         )
         return valid
 
-    def _reconstruct(
-        self, feats: Tensor, mask: Tensor | None, valid: Tensor, mpm_mask: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor, Any]:
+    def _encode_masked(
+        self,
+        feats: Tensor,
+        mask: Tensor | None,
+        valid: Tensor,
+        mpm_mask: Tensor | None,
+        generator: torch.Generator | None,
+        need_masked_only: bool = False,
+    ) -> tuple[Tensor, Any]:
         if not self.use_mpm:
             raise RuntimeError("this GiMP has use_mpm=False: it has no mask token and no decoder")
         if exists(mpm_mask):
@@ -291,11 +297,24 @@ class GiMP(nn.Module):
             mpm = mpm_mask
         else:
             mpm = random_patch_mask(valid, self.mask_ratio, generator)
-        # MPM: replace the projected tokens of the masked positions by the mask token
-        tokens = self.aggregator.embed(feats)
-        tokens = torch.where(mpm[..., None], self.mask_token.to(tokens.dtype), tokens)
-        out = self.aggregator.encode(tokens, mask)
-        return self.decoder(out.tokens), mpm, out
+        # MPM: the masked positions get the mask token; only the others are projected
+        keep = ~mpm
+        tokens = self.aggregator.embed(feats[keep][None])[0]
+        tokens = self.mask_token.to(tokens.dtype).expand(*mpm.shape, -1).masked_scatter(keep[..., None], tokens)
+        return mpm, self.aggregator.encode(tokens, mask, need=mpm if need_masked_only else None)
+
+    def _loss_rec(self, tokens: Tensor, feats: Tensor, mpm: Tensor) -> Tensor:
+        """``L_rec`` with the decoder run on the masked rows only (what Eq. 3 reads, as in MAE).
+
+        The same value as ``masked_l1(decoder(tokens), feats, mpm, reduction=rec_reduction)``.
+        """
+        n_masked = int(mpm.sum())
+        if n_masked == 0:  # the same exact 0 with a graph as masked_l1
+            return masked_l1(self.decoder(tokens[:, :0]), feats[:, :0], mpm[:, :0], reduction=self.rec_reduction)
+        total = (self.decoder(tokens[mpm]) - feats[mpm]).abs().sum()
+        if self.rec_reduction == "sum":
+            return total / feats.shape[0]
+        return total / (n_masked * feats.shape[-1])
 
     def reconstruct(
         self,
@@ -318,8 +337,8 @@ class GiMP(nn.Module):
             ``pred`` (b, n, in_dim), the decoder's output at every position (only the
             masked ones are trained), and ``mpm_mask`` (b, n) bool, the masked positions.
         """
-        pred, mpm, _ = self._reconstruct(feats, mask, self._valid(feats, mask), mpm_mask, generator)
-        return pred, mpm
+        mpm, out = self._encode_masked(feats, mask, self._valid(feats, mask), mpm_mask, generator)
+        return self.decoder(out.tokens), mpm
 
     def forward(
         self,
@@ -336,8 +355,9 @@ class GiMP(nn.Module):
 
         loss_rec = zero
         if self.use_mpm:
-            pred, mpm, out = self._reconstruct(feats, mask, valid, mpm_mask, generator)
-            loss_rec = masked_l1(pred, feats, mpm, reduction=self.rec_reduction)
+            # L_rec reads the masked rows and L_tri the CLS: the last layer computes only those
+            mpm, out = self._encode_masked(feats, mask, valid, mpm_mask, generator, need_masked_only=True)
+            loss_rec = self._loss_rec(out.tokens, feats, mpm)
         else:
             out = self.aggregator(feats, mask)
 
