@@ -517,7 +517,10 @@ class PatchAggregator(nn.Module):
         x = self.norm(x)
         if rows is None:
             return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn)
-        tokens = x.new_zeros(b, n, x.shape[-1]).masked_scatter(need[..., None], x[:, 1:])
+        # rows back in place by index (a masked scatter's backward is a slow masked select)
+        d = x.shape[-1]
+        index = need.reshape(-1).nonzero().squeeze(1)
+        tokens = x.new_zeros(b * n, d).index_copy(0, index, x[:, 1:].reshape(-1, d)).view(b, n, d)
         return AggregatorOutput(cls=x[:, 0], tokens=tokens, attn=attn)
 
     @torch.no_grad()
