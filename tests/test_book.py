@@ -557,7 +557,7 @@ pre {{ overflow-x: auto; }}</style>
 <body><article class="bd-article"><h1>Probe</h1><p>Some text.</p>{body}</article></body></html>"""
 
 
-def test_render_check_finds_clipping_and_mathjax_errors(tmp_path):
+def test_render_check_finds_clipping_and_mathjax_errors(tmp_path, monkeypatch):
     """The page probe on hand-made pages: what it must flag, and a clean page it must pass."""
     chromium = _chromium_or_skip()
     mathjax = (_mathjax_dir() / "tex-chtml.js").as_uri()
@@ -579,6 +579,9 @@ def test_render_check_finds_clipping_and_mathjax_errors(tmp_path):
     bad = reports["bad_math.html"]
     assert bad.math_errors and "not allowed" in " ".join(bad.math_errors), bad.math_errors
     assert not list(tmp_path.glob("_gimp_probe_*")), "the probe's temporary copies were left behind"
+    monkeypatch.chdir(tmp_path.parent)  # a site given as a relative path (python -m ... _build/html)
+    again = render_check.check_site(Path(tmp_path.name), chromium=chromium, pages=[tmp_path / "clean.html"])
+    assert [r.ok for r in again] == [True]
 
 
 #: Where the rendered-book test leaves its screenshots (one PNG per page, full page height).

@@ -257,7 +257,7 @@ def check_site(site: str | Path, *, out: str | Path | None = None, width: int = 
     Raises:
         FileNotFoundError: no Chromium on PATH, or no page under ``site``.
     """
-    site = Path(site)
+    site = Path(site).resolve()  # file URIs need an absolute path
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium)")
