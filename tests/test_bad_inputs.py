@@ -490,6 +490,31 @@ def test_runner_accepts_1e_minus_4_as_a_number(tmp_path):
     assert not problems and values == {"lr": 1e-4, "num_epochs": 3}
 
 
+def test_null_is_taken_only_where_the_parameter_documents_none():
+    """`-p gene_encoder None` (image-only pre-training) is documented in 04's parameters cell and
+    must pass both checks (the runner's and the notebook's hidden cell); `profile` is not."""
+    import nbformat
+
+    from gimplib.book.params import check_parameter_types, declared_parameters
+
+    path = ROOT / "notebooks" / "04_pretrain.ipynb"
+    declared = declared_parameters(path)
+    values, problems = check_parameter_types({"gene_encoder": None, "margin": 0.4}, declared, "04_pretrain")
+    assert not problems and values["gene_encoder"] is None
+    _, problems = check_parameter_types({"profile": None}, declared, "04_pretrain")
+    assert problems and "parameter profile = null" in problems[0]
+    cells = nbformat.read(path, as_version=4).cells
+    params = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
+    check = next(c for c in cells if "check_notebook_parameters(" in c.source)
+    kernel: dict = {}
+    exec(params.source, kernel)  # the kernel after the parameters cell ...
+    kernel["gene_encoder"] = None  # ... and papermill's injected -p gene_encoder None
+    exec(check.source, kernel)  # the hidden check cell: accepted
+    kernel["profile"] = None
+    with pytest.raises(ValueError, match="parameter profile = null"):
+        exec(check.source, kernel)
+
+
 def test_every_parameter_set_has_values_of_the_declared_types():
     from gimplib.book.params import check_parameter_types, declared_parameters, load_param_set, notebook_parameters, stage_notebooks
 

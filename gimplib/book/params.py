@@ -145,10 +145,17 @@ def _default_value(info: dict[str, Any]) -> Any:
         return None  # an expression papermill could not evaluate either: no type to check against
 
 
+#: A parameter's comment that lists None as one of its values ("...; None: image-only",
+#: "(None: no clipping)") makes null acceptable; "when data_dir is None: ..." does not.
+_NONE_DOCUMENTED = re.compile(r"(?:^|[;(,]\s*)None\s*:")
+
+
 def check_parameter_types(params: dict[str, Any], declared: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
     """Check (and where safe, convert) each value against the type of the declared default.
 
-    A default of ``None`` accepts anything. An int default takes integers (``"3"`` is
+    A default of ``None`` accepts anything, and so does ``null`` for a parameter whose
+    comment in the parameters cell lists ``None`` as a value (``gene_encoder = "groupmsa"  #
+    ...; None: image-only``). An int default takes integers (``"3"`` is
     converted, ``"three"`` is not); a float default takes numbers, ``"1e-4"`` included
     (YAML reads that as text); a bool default takes true/false only; a text default takes
     text; a list or dict default the same kind.
@@ -167,6 +174,8 @@ def check_parameter_types(params: dict[str, Any], declared: dict[str, Any], wher
         if name not in declared:
             continue
         default = _default_value(declared[name])
+        if value is None and _NONE_DOCUMENTED.search(str(declared[name].get("help") or "")):
+            continue
         if default is None or value is None and not isinstance(default, bool):
             if value is None and isinstance(default, (int, float, str)) and not isinstance(default, bool):
                 problems.append(f"{where}: parameter {name} = null, but its default {default!r} is a "
@@ -278,8 +287,12 @@ def parameter_check_source(notebook: nbformat.NotebookNode, stem: str) -> str:
     cell = next(c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", []))
     defaults: dict[str, Any] = {}
     exec(cell.source, {}, defaults)  # plain `name = literal` lines
+    nullable = sorted(name for line in cell.source.splitlines()
+                      for name, _, comment in [(line.split("=")[0].strip(), 0, line.partition("#")[2])]
+                      if name in defaults and defaults[name] is not None and _NONE_DOCUMENTED.search(comment))
+    extra = f", nullable={tuple(nullable)!r}" if nullable else ""
     return ("from gimplib.book.params import check_notebook_parameters\n\n"
-            f"check_notebook_parameters(globals(), {defaults!r}, {stem!r})")
+            f"check_notebook_parameters(globals(), {defaults!r}, {stem!r}{extra})")
 
 
 def sync_parameter_check(path: str | os.PathLike) -> bool:
@@ -306,7 +319,8 @@ def sync_parameter_check(path: str | os.PathLike) -> bool:
     return True
 
 
-def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
+def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any], where: str,
+                              nullable: Sequence[str] = ()) -> None:
     """Type-check a notebook's parameters inside the notebook, after papermill injected them.
 
     The stage notebooks call this in a hidden cell right after their ``parameters`` cell (and
@@ -319,11 +333,13 @@ def check_notebook_parameters(namespace: dict[str, Any], defaults: dict[str, Any
         namespace: the notebook's globals.
         defaults: name -> the value the parameters cell declares.
         where: the notebook, for the messages.
+        nullable: parameters whose comment names None as a value (they accept null).
 
     Raises:
         ValueError: one message per bad value (:func:`check_parameter_types`).
     """
-    declared = {name: {"default": repr(value)} for name, value in defaults.items()}
+    declared = {name: {"default": repr(value), "help": "None: allowed" if name in nullable else ""}
+                for name, value in defaults.items()}
     values = {name: namespace[name] for name in defaults if name in namespace}
     converted, problems = check_parameter_types(values, declared, where)
     if problems:
