@@ -138,15 +138,18 @@ def mpm_reference_l1(
     return out
 
 
+def _row_index(which: Tensor) -> Tensor:
+    """Flat row numbers of the True entries of a (b, n) bool mask, in row-major order."""
+    return which.reshape(-1).nonzero().squeeze(1)
 
-def _rows(x: Tensor, which: Tensor) -> Tensor:
-    """``x[which]`` for a (b, n) bool ``which`` over a (b, n, d) ``x``, as a row gather.
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[which]`` for a (b, n, d) ``x``, given ``index = _row_index(which)``: a row gather.
 
     The same rows in the same order as boolean indexing, which PyTorch runs as a masked
     select over every value (about 60 ms per pretraining step at paper shapes on 2 CPU
     threads); gathering whole rows by index is a copy, and its backward an index add.
     """
-    index = which.reshape(-1).nonzero().squeeze(1)
     return x.reshape(-1, x.shape[-1]).index_select(0, index)
 
 class GiMP(nn.Module):
@@ -310,9 +313,9 @@ class GiMP(nn.Module):
             mpm = random_patch_mask(valid, self.mask_ratio, generator)
         # MPM: the masked positions get the mask token; only the others are projected
         keep = ~mpm
-        tokens = self.aggregator.embed(_rows(feats, keep)[None])[0]
+        index = _row_index(keep)  # by index: a masked scatter's backward is a slow masked select
+        tokens = self.aggregator.embed(_rows(feats, index)[None])[0]
         b, n = mpm.shape
-        index = keep.reshape(-1).nonzero().squeeze(1)  # by index: a masked scatter's backward is a slow masked select
         tokens = tokens.new_zeros(b * n, tokens.shape[-1]).index_copy(0, index, tokens)
         tokens = torch.where(keep.reshape(-1, 1), tokens, self.mask_token.to(tokens.dtype)).view(b, n, -1)
         return mpm, self.aggregator.encode(tokens, mask, need=mpm if need_masked_only else None)
@@ -325,7 +328,8 @@ class GiMP(nn.Module):
         n_masked = int(mpm.sum())
         if n_masked == 0:  # the same exact 0 with a graph as masked_l1
             return masked_l1(self.decoder(tokens[:, :0]), feats[:, :0], mpm[:, :0], reduction=self.rec_reduction)
-        total = (self.decoder(_rows(tokens, mpm)) - _rows(feats, mpm)).abs().sum()
+        index = _row_index(mpm)
+        total = (self.decoder(_rows(tokens, index)) - _rows(feats, index)).abs().sum()
         if self.rec_reduction == "sum":
             return total / feats.shape[0]
         return total / (n_masked * feats.shape[-1])
