@@ -287,9 +287,12 @@ def parameter_check_source(notebook: nbformat.NotebookNode, stem: str) -> str:
     cell = next(c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", []))
     defaults: dict[str, Any] = {}
     exec(cell.source, {}, defaults)  # plain `name = literal` lines
-    nullable = sorted(name for line in cell.source.splitlines()
-                      for name, _, comment in [(line.split("=")[0].strip(), 0, line.partition("#")[2])]
-                      if name in defaults and defaults[name] is not None and _NONE_DOCUMENTED.search(comment))
+    nullable = []
+    for line in cell.source.splitlines():
+        name, comment = line.split("=")[0].strip(), line.partition("#")[2]
+        if name in defaults and defaults[name] is not None and _NONE_DOCUMENTED.search(comment):
+            nullable.append(name)
+    nullable.sort()
     extra = f", nullable={tuple(nullable)!r}" if nullable else ""
     return ("from gimplib.book.params import check_notebook_parameters\n\n"
             f"check_notebook_parameters(globals(), {defaults!r}, {stem!r}{extra})")
