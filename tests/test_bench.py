@@ -43,3 +43,23 @@ def test_io_reports_min_median_max_over_runs(tmp_path):
             assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
     assert "read_bag: whole" in io.summary(res)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fused_attention_counts_the_flops_of_its_products_written_out():
+    """The step's FLOPs count what is useful: a fused softmax(Q K^T) V (which the aggregator
+    uses) counts its two products and their four gradient products, as the unfused
+    composition does, and not the scores its backward recomputes."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(2, 3, s, 8, requires_grad=True) for s in (5, 11, 11))
+
+    def count(attention):
+        with FlopCounterMode(display=False, custom_mapping=step.USEFUL_FLOPS) as counter:
+            attention().sum().backward()
+        return counter.get_total_flops()
+
+    unfused = count(lambda: (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1) @ v)
+    assert unfused == 6 * 2 * (2 * 3) * 5 * 11 * 8
+    assert count(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.3)) == unfused

@@ -479,3 +479,67 @@ def test_build_gene_encoder_by_name_and_unknown_name_lists_the_known_ones():
     assert isinstance(build_gene_encoder("snn", num_genes=12, embed_dim=8), SNN)
     with pytest.raises(ValueError, match=r"encoder must be one of \['groupmsa', 'snn'\], got 'mlp'"):
         build_gene_encoder("mlp", num_genes=12)
+
+
+# ---------------------------------------------------------------- the training path's pieces (issue 14)
+
+
+@pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 64, 65, 200])
+@pytest.mark.parametrize("kernel", [3, 33, 65])
+def test_residual_conv_blocks_equal_the_packages_conv2d(n, kernel):
+    """The block-Toeplitz residual convolution equals the package's depth-wise Conv2d (and its
+    weight and value gradients) in float64, on values given as a strided (b, h, n, dh) view of
+    a (b, n, h * dh) projection, as the layer passes them."""
+    from gimplib.models.aggregator import _residual_conv
+
+    torch.manual_seed(n + kernel)
+    b, h, dh = 2, 3, 5
+    proj = torch.randn(b, n, h * dh, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(h, 1, kernel, 1, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(b, h, n, dh, dtype=torch.float64)
+    results = []
+    for conv in (lambda w, v: F.conv2d(v, w, padding=(kernel // 2, 0), groups=h), _residual_conv):
+        out = conv(weight, rearrange(proj, "b n (h d) -> b h n d", h=h))
+        results.append([out, *torch.autograd.grad(out, (weight, proj), grad)])
+    for ours, ref in zip(*results[::-1]):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_output_dropout_keeps_the_packages_distribution():
+    """The layer's output dropout: identity in eval mode and at p = 0, zeros at p = 1, and in
+    training each value kept with probability 1 - p and scaled by 1 / (1 - p), as nn.Dropout."""
+    from gimplib.models.aggregator import _dropout
+
+    x = torch.rand(200, 500) + 1.0
+    drop = torch.nn.Dropout(0.1)
+    assert _dropout(x, drop.eval()) is x and _dropout(x, torch.nn.Dropout(0.0)) is x
+    assert torch.all(_dropout(x, torch.nn.Dropout(1.0)) == 0)
+    torch.manual_seed(0)
+    y = _dropout(x, drop.train())
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 100,000 draws: 0.9 +- 0.001 (1 sd)
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    x.requires_grad_(True)
+    y = _dropout(x, drop)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, (y != 0).to(g.dtype) / 0.9)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_encode_gives_the_needed_rows_in_order_without_building_tokens(padded):
+    """encode(need=...).needed are the full encode's outputs at the needed positions in row-major
+    order; ``tokens`` is only scattered when read, and then equals the full tokens there."""
+    torch.manual_seed(1)
+    agg = _agg().double()
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    if padded:
+        mask[1, 15:] = False
+    need = random_patch_mask(mask, 0.5, torch.Generator().manual_seed(3))
+    full, part = agg.encode(x, mask), agg.encode(x, mask, need=need)
+    torch.testing.assert_close(part.needed, full.tokens[need])
+    if not padded:
+        assert part._tokens is None  # the rows were never scattered into (b, n, d)
+    torch.testing.assert_close(part.tokens[need], full.tokens[need])
+    assert torch.all(part.tokens[~need] == 0)
+    assert agg.encode(x, mask).needed is None

@@ -10,7 +10,10 @@ with a frozen GroupMSA (d = 512) over 60,480 genes. Reports:
 * FLOPs of one forward+backward counted with ``torch.utils.flop_counter.FlopCounterMode``
   on the path that actually runs (matmuls, convolutions and attention kernels; element-wise
   work is not counted; rows the library skips, such as the decoder on visible positions,
-  are not counted as done);
+  are not counted as done). A fused attention kernel ``softmax(Q K^T) V`` counts the useful
+  work of its two products, 2 in forward and 4 in backward, as the same products written
+  out do; the score matrix its backward recomputes is not counted (torch's own table
+  counts it on CUDA and does not know the CPU kernel at all, see :data:`USEFUL_FLOPS`);
 * this machine's fp32 matmul throughput measured in the same run (square matmuls of
   ``--matmul-size``, before and after the steps, the higher of the two), and the achieved
   fraction ``FLOPs / seconds / throughput``;
@@ -34,14 +37,42 @@ from typing import Callable
 import torch
 from nystrom_attention import NystromAttention
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
 from gimplib.bench.slide import PeakMemory
 from gimplib.losses import masked_l1, triplet_loss
 from gimplib.models import GiMP, GroupMSA, random_patch_mask
 from gimplib.utils import get_device, seed_everything
 
-__all__ = ["ReferenceAggregator", "matmul_throughput", "run", "summary"]
+__all__ = ["USEFUL_FLOPS", "ReferenceAggregator", "matmul_throughput", "run", "summary"]
+
+
+def _attention_forward_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """``softmax(Q K^T) V`` forward: the two products."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """``softmax(Q K^T) V`` backward: the gradients of the two products (4 products), without
+    the recomputed scores a fused kernel adds."""
+    b, h, s_q, d = query_shape
+    recompute = bmm_flop((b * h, s_q, d), (b * h, d, key_shape[2]))
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) - recompute
+
+
+_aten = torch.ops.aten
+#: FLOP formulas given to ``FlopCounterMode`` for the fused attention kernels (every device),
+#: so that a fused ``softmax(Q K^T) V`` counts what the unfused products count.
+USEFUL_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _attention_forward_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_flash_attention: _attention_forward_flops,
+    _aten._scaled_dot_product_flash_attention_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_efficient_attention: _attention_forward_flops,
+    _aten._scaled_dot_product_efficient_attention_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_cudnn_attention: _attention_forward_flops,
+    _aten._scaled_dot_product_cudnn_attention_backward: _attention_backward_flops,
+}
 
 
 class ReferenceAggregator(nn.Module):
@@ -118,7 +149,7 @@ def _time_steps(steps: dict[str, Callable[[], Tensor]], device: torch.device, wa
     for name, step in steps.items():
         with PeakMemory(device) as mem:
             step().backward()
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=USEFUL_FLOPS) as counter:
             step().backward()
         out[name] = {
             "seconds": round(statistics.median(times[name]), 4),

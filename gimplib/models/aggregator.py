@@ -34,7 +34,6 @@ the attention output, and no feed-forward block (TransMIL's TransLayer has none;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import ceil
 
 import torch
@@ -55,19 +54,41 @@ __all__ = [
 ]
 
 
-@dataclass
 class AggregatorOutput:
     """What :class:`PatchAggregator` returns.
 
     Attributes:
         cls: (b, embed_dim) the CLS output (``CLS_img`` / ``CLS_pat``).
-        tokens: (b, n, embed_dim) patch outputs (zeros at padded positions).
+        tokens: (b, n, embed_dim) patch outputs (zeros at padded positions, and, when
+            :meth:`PatchAggregator.encode` was given ``need``, wherever ``need`` is False).
         attn: (b, n) CLS attention over patches, or None when not requested.
+        needed: (k, embed_dim) the outputs at the k positions where ``need`` is True, in
+            row-major order (``tokens[need]``), or None without ``need``. When only those
+            rows were computed, ``tokens`` is built from them on first access, so a caller
+            that reads ``needed`` alone (MPM's loss) never scatters them into a (b, n) tensor
+            only to gather them back.
     """
 
-    cls: Tensor
-    tokens: Tensor
-    attn: Tensor | None = None
+    def __init__(
+        self,
+        cls: Tensor,
+        tokens: Tensor | None = None,
+        attn: Tensor | None = None,
+        *,
+        needed: Tensor | None = None,
+        need: Tensor | None = None,
+    ) -> None:
+        assert exists(tokens) or (exists(needed) and exists(need)), "tokens, or needed with need"
+        self.cls, self.attn, self.needed = cls, attn, needed
+        self._tokens, self._need = tokens, need
+
+    @property
+    def tokens(self) -> Tensor:
+        if self._tokens is None:  # rows back in place by index (a masked scatter's backward is slow)
+            (b, n), d = self._need.shape, self.needed.shape[-1]
+            index = self._need.reshape(-1).nonzero().squeeze(1)
+            self._tokens = self.needed.new_zeros(b * n, d).index_copy(0, index, self.needed).view(b, n, d)
+        return self._tokens
 
 
 class NystromLayer(nn.Module):
@@ -138,9 +159,14 @@ def nystrom_attention_valid(attn: NystromAttention, x: Tensor, rows: Tensor | No
     multiple of the landmarks, landmarks as masked segment means, landmarks made only of
     padding masked, the package's iterative pseudo-inverse with its batch-wide scale, the
     depth-wise residual convolution over values), autograd-friendly, but: no padded rows are
-    projected, no (b, h, n, landmarks) mask is filled, and the product is re-associated as
+    projected, no (b, h, n, landmarks) mask is filled, the product is re-associated as
     ``A1 (A2^+ (A3 V))`` so the (n, landmarks) x (landmarks, landmarks) product is never
-    formed (issue 14; equal to the package's forward to float precision, tested).
+    formed, ``A3 V`` and ``A1 Z`` run as fused attention kernels
+    (``F.scaled_dot_product_attention``: their score matrices are never stored, the backward
+    recomputes them), and the residual convolution is exact block-Toeplitz matrix products
+    (issue 14; equal to the package's forward in float64 for outputs and every gradient,
+    tested). The output dropout draws its keep-mask from a uniform draw
+    (:func:`_dropout`): the package's distribution, another random stream.
 
     Args:
         attn: the package module (its weights and settings are used as they are).
@@ -166,21 +192,20 @@ def nystrom_attention_valid(attn: NystromAttention, x: Tensor, rows: Tensor | No
     count = torch.full((m - empty, 1), float(seg_len), dtype=x.dtype, device=x.device)
     count[0] = first
     x_land = x_sum / (count + attn.eps)
-    w_q, w_k, _ = attn.to_qkv.weight.chunk(3, dim=0)
+    w_q, w_k, w_v = attn.to_qkv.weight.chunk(3, dim=0)
     q_land = rearrange(F.linear(x_land, w_q), "b m (h d) -> b h m d", h=h) * attn.scale
     k_land = rearrange(F.linear(x_land, w_k), "b m (h d) -> b h m d", h=h)
 
-    if rows is None:
-        q, k, v = rearrange(F.linear(x, attn.to_qkv.weight), "b n (three h d) -> three b h n d", three=3, h=h)
-    else:
-        k, v = rearrange(F.linear(x, attn.to_qkv.weight[w_q.shape[0] :]), "b n (two h d) -> two b h n d", two=2, h=h)
-        x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-        q = rearrange(F.linear(x_rows, w_q), "b r (h d) -> b h r d", h=h)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-
+    # queries, keys and values as (b, h, n, dh) views of three (b, n, h * dh) products: the
+    # attention kernels read (and write their gradients in) that layout, so neither
+    # direction copies them into head-major order, as one qkv product split by head would
+    x_q = x if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q, k, v = (rearrange(F.linear(t, w), "b n (h d) -> b h n d", h=h) for t, w in ((x_q, w_q), (x, w_k), (x, w_v)))
     # landmark kernel; a landmark made only of padding has a uniform row and a zero column
     attn2 = (q_land @ k_land.transpose(-1, -2)).softmax(dim=-1)
-    attn3_v = (q_land @ k.transpose(-1, -2)).softmax(dim=-1) @ v  # (b, h, m - empty, dh)
+    # A3 V and A1 Z are softmax(Q K^T) V products: fused attention kernels compute them
+    # without storing the (landmarks, n) and (n, landmarks) score matrices (issue 14)
+    attn3_v = F.scaled_dot_product_attention(q_land, k, v, scale=1.0)  # (b, h, m - empty, dh)
     if empty:
         attn2 = torch.cat(
             [attn2.new_full((b, h, empty, m), 1.0 / m), F.pad(attn2, (empty, 0))], dim=2
@@ -191,45 +216,119 @@ def nystrom_attention_valid(attn: NystromAttention, x: Tensor, rows: Tensor | No
     attn2_inv = moore_penrose_iter_pinv(attn2, attn.pinv_iterations)
     z = attn2_inv[:, :, empty:] @ attn3_v  # rows of the landmarks the queries can see
 
-    out = (q @ (k_land * attn.scale).transpose(-1, -2)).softmax(dim=-1) @ z
+    out = F.scaled_dot_product_attention(q, k_land, z, scale=attn.scale)
     if attn.residual:
         conv = _residual_conv(attn.res_conv.weight, v)
         if rows is not None:
             conv = conv.gather(2, repeat(rows, "b r -> b h r d", h=h, d=conv.shape[-1]))
         out = out + conv
-    return attn.to_out(rearrange(out, "b h n d -> b n (h d)"))
+    linear, dropout = attn.to_out
+    return _dropout(linear(rearrange(out, "b h n d -> b n (h d)")), dropout)
 
 
-def _residual_conv(weight: Tensor, v: Tensor, block: int = 32) -> Tensor:
+def _dropout(x: Tensor, module: nn.Dropout) -> Tensor:
+    """``module(x)`` (inverted dropout: zero with probability p, scale the rest by 1 / (1 - p)),
+    with the keep-mask drawn as ``uniform >= p``: the same distribution as ``nn.Dropout``'s
+    Bernoulli draw (a different random stream), at half its cost on CPU (issue 14)."""
+    p = module.p
+    if not module.training or p == 0:
+        return x
+    if p >= 1:
+        return x * 0
+    return x * (torch.rand_like(x) >= p).to(x.dtype).mul_(1 / (1 - p))
+
+
+def _residual_conv(weight: Tensor, v: Tensor) -> Tensor:
     """The package's depth-wise residual convolution of values, as block-Toeplitz matmuls.
 
     ``res_conv`` is a ``Conv2d(h, h, (kernel, 1), groups=h, padding=kernel // 2)`` over
-    (b, h, n, dh) values. Here the sequence is cut into blocks of ``block`` rows and each block
-    is the product of a (block, block + kernel - 1) Toeplitz matrix of its head's kernel with
-    the block's rows plus their halo. Same numbers, but PyTorch's CPU (oneDNN) gradient of the
-    Conv2d weight is off by up to 10 % relative at some lengths (measured: n = 61, 6001,
-    6016; right at 6144, the package's padded length at paper shapes), and its Conv1d form
-    is slow in backward; these matmuls are exact and fast. They do about
-    ``(block + kernel - 1) / kernel`` (1.9) times the convolution's multiply-adds.
+    (b, h, n, dh) values. PyTorch's CPU (oneDNN) gradient of that Conv2d's weight is off by
+    up to 10 % relative at some lengths (measured: n = 61, 6001, 6016; right at 6144, the
+    package's padded length at paper shapes), and its Conv1d form is slow in backward. Here
+    the sequence is cut into blocks of ``block`` rows and each block of output is one
+    (block, 2 block) Toeplitz matrix of its head's kernel times the block's rows and the next
+    block's (:class:`_ResidualConv`): exact, and about ``2 block / kernel`` (1.9) times the
+    convolution's multiply-adds.
 
     Args:
         weight: (h, 1, kernel, 1) ``res_conv.weight``.
-        v: (b, h, n, dh) values.
+        v: (b, h, n, dh) values (any strides).
 
     Returns:
-        (b, h, n, dh) the convolved values.
+        (b, h, n, dh) the convolved values (a permuted view of a (h, n, b, dh) buffer).
     """
-    b, h, n, dh = v.shape
-    kernel = weight.shape[2]
-    nb = ceil(n / block)
-    # one block of zeros more than needed, so every block has a full halo after it
-    v_pad = F.pad(v, (0, 0, kernel // 2, (nb + 1) * block - n - kernel // 2)).view(b, h, nb + 1, block, dh)
-    halo = torch.cat([v_pad[:, :, :-1], v_pad[:, :, 1:, : kernel - 1]], dim=3)  # (b, h, nb, block + kernel - 1, dh)
-    offset = torch.arange(block + kernel - 1, device=v.device)[None] - torch.arange(block, device=v.device)[:, None]
-    inside = (offset >= 0) & (offset < kernel)
-    toeplitz = weight[:, 0, :, 0][:, offset.clamp(0, kernel - 1)] * inside  # (h, block, block + kernel - 1)
-    out = toeplitz[None, :, None].to(v.dtype) @ halo
-    return out.reshape(b, h, nb * block, dh)[:, :, :n]
+    return _ResidualConv.apply(weight, v)
+
+
+class _ResidualConv(torch.autograd.Function):
+    """The residual convolution's forward and backward on one buffer of blocks.
+
+    Every head's zero-padded sequence is cut into ``nbh`` blocks of ``block`` rows, with the
+    batch and head width side by side as columns, and the heads' blocks laid end to end in
+    one (h * nbh + 1, block, b * dh) buffer, so that "a block and the next one" is a single
+    overlapping strided view (no halo is copied) and one batched matmul covers every head and
+    sample. A head's last block reads into the next head's first one; its outputs lie past
+    the sequence and are dropped (their gradient is 0), which is why each head has one block
+    more than its outputs need. The backward computes the values' and the kernel's gradients
+    from the same buffer.
+    """
+
+    @staticmethod
+    def _layout(weight: Tensor, v: Tensor) -> tuple[int, int, int]:
+        kernel = weight.shape[2]
+        block = max(32, kernel - 1)  # a block and the next one hold every row an output needs
+        return kernel, block, ceil(v.shape[2] / block) + 1
+
+    @staticmethod
+    def _halo(buf: Tensor, block: int) -> Tensor:
+        """(h * nbh, 2 block, b * dh) overlapping view: each block with the next one."""
+        return buf.as_strided((buf.shape[0] - 1, 2 * block, buf.shape[2]), (buf.stride(0), buf.stride(1), 1))
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, v: Tensor) -> Tensor:
+        b, h, n, dh = v.shape
+        kernel, block, nbh = _ResidualConv._layout(weight, v)
+        half = kernel // 2
+        buf = v.new_empty(h * nbh + 1, block, b * dh)
+        seqs = buf[:-1].view(h, nbh * block, b, dh)
+        seqs[:, :half] = 0
+        seqs[:, half : half + n] = v.permute(1, 2, 0, 3)
+        seqs[:, half + n :] = 0
+        buf[-1] = 0
+        offset = torch.arange(2 * block, device=v.device)[None] - torch.arange(block, device=v.device)[:, None]
+        inside = (offset >= 0) & (offset < kernel)
+        toeplitz = (weight[:, 0, :, 0][:, offset.clamp(0, kernel - 1)] * inside).to(v.dtype)  # (h, block, 2 block)
+        toeplitz = toeplitz[:, None].expand(h, nbh, block, 2 * block).reshape(h * nbh, block, 2 * block)
+        out = torch.bmm(toeplitz, _ResidualConv._halo(buf, block))
+        ctx.save_for_backward(buf, toeplitz)
+        ctx.sizes, ctx.kernel = (b, h, n, dh), kernel
+        return out.view(h, nbh * block, b, dh)[:, :n].permute(2, 0, 1, 3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        buf, toeplitz = ctx.saved_tensors
+        b, h, n, dh = ctx.sizes
+        block = buf.shape[1]
+        nbh = (buf.shape[0] - 1) // h
+        kernel = ctx.kernel
+        g = grad.new_empty(h * nbh, block, b * dh)
+        g_seqs = g.view(h, nbh * block, b, dh)
+        g_seqs[:, :n] = grad.permute(1, 2, 0, 3)
+        g_seqs[:, n:] = 0
+        grad_weight = grad_v = None
+        if ctx.needs_input_grad[1]:
+            g_halo = torch.bmm(toeplitz.transpose(1, 2), g)  # (h * nbh, 2 block, b * dh)
+            g_buf = g_halo.new_empty(buf.shape)
+            g_buf[:-1] = g_halo[:, :block]
+            g_buf[-1] = 0
+            g_buf[1:] += g_halo[:, block:]
+            half = kernel // 2
+            grad_v = g_buf[:-1].view(h, nbh * block, b, dh)[:, half : half + n].permute(2, 0, 1, 3)
+        if ctx.needs_input_grad[0]:
+            g_toeplitz = torch.bmm(g, _ResidualConv._halo(buf, block).transpose(1, 2)).view(h, nbh, block, 2 * block).sum(1)
+            index = torch.arange(block, device=g.device)[:, None] + torch.arange(kernel, device=g.device)[None]
+            grad_weight = g_toeplitz.gather(2, index.expand(h, block, kernel)).sum(1).view(h, 1, kernel, 1)
+        return grad_weight, grad_v
 
 
 @torch.no_grad()
@@ -495,7 +594,8 @@ class PatchAggregator(nn.Module):
             tokens[i, mask[i]] = out.tokens[0]
             if return_attn:
                 attn[i, mask[i]] = out.attn[0]
-        return AggregatorOutput(cls=cls, tokens=tokens, attn=attn)
+        needed = tokens.reshape(-1, self.embed_dim)[need.reshape(-1)] if exists(need) else None
+        return AggregatorOutput(cls=cls, tokens=tokens, attn=attn, needed=needed)
 
     def _run(self, x: Tensor, return_attn: bool, need: Tensor | None = None) -> AggregatorOutput:
         """All rows valid: prepend CLS, run the layers (chunked when long and autograd-free)."""
@@ -516,12 +616,9 @@ class PatchAggregator(nn.Module):
             x = layer(x, rows if last else None)
         x = self.norm(x)
         if rows is None:
-            return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn)
-        # rows back in place by index (a masked scatter's backward is a slow masked select)
-        d = x.shape[-1]
-        index = need.reshape(-1).nonzero().squeeze(1)
-        tokens = x.new_zeros(b * n, d).index_copy(0, index, x[:, 1:].reshape(-1, d)).view(b, n, d)
-        return AggregatorOutput(cls=x[:, 0], tokens=tokens, attn=attn)
+            needed = x[:, 1:][need] if exists(need) else None
+            return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn, needed=needed)
+        return AggregatorOutput(cls=x[:, 0], attn=attn, needed=x[:, 1:].reshape(-1, x.shape[-1]), need=need)
 
     @torch.no_grad()
     def _run_chunked(self, x: Tensor, return_attn: bool, embedded: bool) -> AggregatorOutput:

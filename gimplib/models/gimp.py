@@ -320,16 +320,17 @@ class GiMP(nn.Module):
         tokens = torch.where(keep.reshape(-1, 1), tokens, self.mask_token.to(tokens.dtype)).view(b, n, -1)
         return mpm, self.aggregator.encode(tokens, mask, need=mpm if need_masked_only else None)
 
-    def _loss_rec(self, tokens: Tensor, feats: Tensor, mpm: Tensor) -> Tensor:
+    def _loss_rec(self, masked_tokens: Tensor, feats: Tensor, mpm: Tensor) -> Tensor:
         """``L_rec`` with the decoder run on the masked rows only (what Eq. 3 reads, as in MAE).
 
-        The same value as ``masked_l1(decoder(tokens), feats, mpm, reduction=rec_reduction)``.
+        ``masked_tokens`` (k, d) are the aggregator's outputs at the k masked positions in
+        row-major order (``AggregatorOutput.needed``). The same value as
+        ``masked_l1(decoder(tokens), feats, mpm, reduction=rec_reduction)``.
         """
         n_masked = int(mpm.sum())
         if n_masked == 0:  # the same exact 0 with a graph as masked_l1
-            return masked_l1(self.decoder(tokens[:, :0]), feats[:, :0], mpm[:, :0], reduction=self.rec_reduction)
-        index = _row_index(mpm)
-        total = (self.decoder(_rows(tokens, index)) - _rows(feats, index)).abs().sum()
+            return masked_l1(self.decoder(masked_tokens.reshape(feats.shape[0], 0, masked_tokens.shape[-1])), feats[:, :0], mpm[:, :0], reduction=self.rec_reduction)
+        total = (self.decoder(masked_tokens) - _rows(feats, _row_index(mpm))).abs().sum()
         if self.rec_reduction == "sum":
             return total / feats.shape[0]
         return total / (n_masked * feats.shape[-1])
@@ -375,7 +376,10 @@ class GiMP(nn.Module):
         if self.use_mpm:
             # L_rec reads the masked rows and L_tri the CLS: the last layer computes only those
             mpm, out = self._encode_masked(feats, mask, valid, mpm_mask, generator, need_masked_only=True)
-            loss_rec = self._loss_rec(out.tokens, feats, mpm)
+            masked_tokens = getattr(out, "needed", None)  # an encoder that gives tokens only: gather them
+            if masked_tokens is None:
+                masked_tokens = _rows(out.tokens, _row_index(mpm))
+            loss_rec = self._loss_rec(masked_tokens, feats, mpm)
         else:
             out = self.aggregator(feats, mask)
 
