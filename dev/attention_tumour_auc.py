@@ -27,4 +27,6 @@ rec = pd.DataFrame(attention_tumour_aucs(attention, masks))
 print(rec.describe().to_string())
 print("median AUC", rec.auc.median(), "slides", len(rec), "AUC>0.5:", (rec.auc > 0.5).mean())
 label = dict(zip(slides["slide_id"], cohort.cases.loc[slides["case_id"], "label"]))
-plots.plot_attention_tumour_auc(rec, label=label).savefig("attention_tumour_auc.png", dpi=90)
+out = f"{work}/attention_tumour_auc.png"  # beside the build it measured, not in the repository
+plots.plot_attention_tumour_auc(rec, label=label).savefig(out, dpi=90)
+print("figure:", out)
