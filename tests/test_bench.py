@@ -66,3 +66,9 @@ def test_a_fused_attention_counts_the_flops_of_its_products_written_out():
     unfused = count(lambda: (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1) @ v)
     assert unfused == 6 * 2 * (2 * 3) * 5 * 11 * 8
     assert count(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.3)) == unfused
+
+
+def test_step_under_bf16_autocast_reports_against_the_bf16_matmul():
+    res = step.run(TINY_STEP.split() + ["--amp", "bf16", "--repeats", "1"])
+    assert res["amp"] == "bf16" and res["matmul_bf16_gflops"] > 0 and "matmul_fp32_gflops" not in res
+    assert res["gimplib"]["flops"] > 0 and "GFLOP/s bf16" in step.summary(res)

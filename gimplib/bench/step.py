@@ -19,7 +19,8 @@ with a frozen GroupMSA (d = 512) over 60,480 genes. Reports:
   gradients; the excess, measured on the library's function at the step's shape, is
   reported as ``flops_residual_conv_excess`` and left out of ``flops``);
 * this machine's fp32 matmul throughput measured in the same run (square matmuls of
-  ``--matmul-size``, before and after the steps, the higher of the two), and the achieved
+  ``--matmul-size``, before and after the steps, the higher of the two; bf16 matmuls with
+  ``--amp bf16``, which runs both steps' forwards under bf16 autocast), and the achieved
   fraction ``FLOPs / seconds / throughput``;
 * the same step with the aggregator composed directly from ``nystrom-attention``,
   TransMIL-style (Linear + ReLU, CLS, two ``x + NystromAttention(LayerNorm(x))`` layers
@@ -33,6 +34,7 @@ and is timed all the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -113,10 +115,12 @@ class ReferenceAggregator(nn.Module):
         return x[:, 0], x[:, 1:]
 
 
-def matmul_throughput(device: torch.device, size: int = 2048, min_seconds: float = 1.0) -> float:
-    """Measured fp32 matmul throughput of ``device`` in FLOP/s (square ``size`` matmuls)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_throughput(
+    device: torch.device, size: int = 2048, min_seconds: float = 1.0, dtype: torch.dtype = torch.float32
+) -> float:
+    """Measured matmul throughput of ``device`` in FLOP/s (square ``size`` matmuls of ``dtype``)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
     _sync(device)
     reps, start = 0, time.perf_counter()
@@ -218,7 +222,8 @@ def summary(result: dict) -> str:
                 f"{key:>9}: {r['seconds']:.3f} s/step (CPU {r['cpu_seconds']:.2f} s), {r['flops'] / 1e9:.1f} GFLOP, "
                 f"{r['achieved_gflops']:.1f} GFLOP/s = {r['achieved_fraction_of_matmul']:.3f} of matmul"
             )
-    lines.append(f"   matmul: {result['matmul_fp32_gflops']:.1f} GFLOP/s fp32 ({result['torch_threads']} threads)")
+    dtype = "fp32" if "matmul_fp32_gflops" in result else "bf16"
+    lines.append(f"   matmul: {result[f'matmul_{dtype}_gflops']:.1f} GFLOP/s {dtype} ({result['torch_threads']} threads)")
     if "time_ratio_gimplib_over_reference" in result:
         lines.append(
             f"    ratio: gimplib / reference = {result['time_ratio_gimplib_over_reference']:.3f} "
@@ -244,6 +249,10 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--matmul-seconds", type=float, default=2.0, help="how long to time the matmuls")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference composition")
+    parser.add_argument(
+        "--amp", choices=("none", "bf16"), default="none",
+        help="bf16: both steps' forwards under bf16 autocast (CPU or CUDA); the fraction is then of the bf16 matmul",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", default=None, help="also write torch.profiler tables of one gimplib step here")
     parser.add_argument("--seed", type=int, default=0)
@@ -266,9 +275,13 @@ def run(argv: list[str] | None = None) -> dict:
     genes = torch.randn(b, args.genes, device=device)
     y = torch.arange(b, device=device) % 2
 
+    def autocast():  # the forward only, as training does (backward runs outside)
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+
     def gimp_step() -> Tensor:
         model.zero_grad(set_to_none=True)
-        return model.pretrain_step(feats, None, genes, y)["loss"]
+        with autocast():
+            return model.pretrain_step(feats, None, genes, y)["loss"]
 
     steps = {"gimplib": gimp_step}
     if not args.no_reference:
@@ -280,6 +293,10 @@ def run(argv: list[str] | None = None) -> dict:
         valid = torch.ones(b, n, dtype=torch.bool, device=device)
 
         def reference_step() -> Tensor:
+            with autocast():
+                return _reference_loss()
+
+        def _reference_loss() -> Tensor:
             reference.zero_grad(set_to_none=True)
             model.zero_grad(set_to_none=True)
             tokens = reference.proj(feats)
@@ -296,7 +313,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     if args.profile:
         _profile(gimp_step, args.profile)
-    matmul_before = matmul_throughput(device, args.matmul_size, args.matmul_seconds)
+    mm_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float32
+    matmul_before = matmul_throughput(device, args.matmul_size, args.matmul_seconds, mm_dtype)
     result = {
         "benchmark": "step",
         "device": str(device),
@@ -313,8 +331,9 @@ def run(argv: list[str] | None = None) -> dict:
             result[key] = round(result["gimplib"][field] / result["reference"][field], 3)
 
     # measured after the steps and once more before them: the higher figure is the denominator
-    throughput = max(matmul_before, matmul_throughput(device, args.matmul_size, args.matmul_seconds))
-    result["matmul_fp32_gflops"] = round(throughput / 1e9, 2)
+    throughput = max(matmul_before, matmul_throughput(device, args.matmul_size, args.matmul_seconds, mm_dtype))
+    result["amp"] = args.amp
+    result["matmul_fp32_gflops" if args.amp == "none" else "matmul_bf16_gflops"] = round(throughput / 1e9, 2)
     for key in ("gimplib", "reference"):
         if key in result:
             achieved = result[key]["flops"] / result[key]["seconds"]
