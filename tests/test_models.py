@@ -256,17 +256,23 @@ def test_valid_attention_at_some_rows_is_those_rows_of_the_full_output():
     torch.testing.assert_close(nystrom_attention_valid(attn, x, rows), full.gather(1, rows[..., None].expand(-1, -1, 16)))
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_encode_with_need_gives_the_needed_rows_and_cls_with_their_gradients(padded):
-    """encode(need=...) (MPM: only masked rows are read) equals the full encode at those rows."""
-    torch.manual_seed(0)
+def _encode_full_and_needed(padded: bool, seed: int, mask_seed: int):
+    """A float64 aggregator, (2, 21) tokens (the second padded after 15 when ``padded``), half of
+    the valid positions needed, and encode's outputs without and with ``need``."""
+    torch.manual_seed(seed)
     agg = _agg().double()
     x = torch.randn(2, 21, 16, dtype=torch.float64)
     mask = torch.ones(2, 21, dtype=torch.bool)
     if padded:
         mask[1, 15:] = False
-    need = random_patch_mask(mask, 0.5, torch.Generator().manual_seed(0))
-    full, part = agg.encode(x, mask), agg.encode(x, mask, need=need)
+    need = random_patch_mask(mask, 0.5, torch.Generator().manual_seed(mask_seed))
+    return agg, x, mask, need, agg.encode(x, mask), agg.encode(x, mask, need=need)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_encode_with_need_gives_the_needed_rows_and_cls_with_their_gradients(padded):
+    """encode(need=...) (MPM: only masked rows are read) equals the full encode at those rows."""
+    agg, x, mask, need, full, part = _encode_full_and_needed(padded, seed=0, mask_seed=0)
     torch.testing.assert_close(part.cls, full.cls)
     torch.testing.assert_close(part.tokens[need], full.tokens[need])
     assert torch.all(part.tokens[~need] == 0)
@@ -529,14 +535,7 @@ def test_attention_output_dropout_keeps_the_packages_distribution():
 def test_encode_gives_the_needed_rows_in_order_without_building_tokens(padded):
     """encode(need=...).needed are the full encode's outputs at the needed positions in row-major
     order; ``tokens`` is only scattered when read, and then equals the full tokens there."""
-    torch.manual_seed(1)
-    agg = _agg().double()
-    x = torch.randn(2, 21, 16, dtype=torch.float64)
-    mask = torch.ones(2, 21, dtype=torch.bool)
-    if padded:
-        mask[1, 15:] = False
-    need = random_patch_mask(mask, 0.5, torch.Generator().manual_seed(3))
-    full, part = agg.encode(x, mask), agg.encode(x, mask, need=need)
+    agg, x, mask, need, full, part = _encode_full_and_needed(padded, seed=1, mask_seed=3)
     torch.testing.assert_close(part.needed, full.tokens[need])
     if not padded:
         assert part._tokens is None  # the rows were never scattered into (b, n, d)
