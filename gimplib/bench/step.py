@@ -293,21 +293,18 @@ def run(argv: list[str] | None = None) -> dict:
         valid = torch.ones(b, n, dtype=torch.bool, device=device)
 
         def reference_step() -> Tensor:
-            with autocast():
-                return _reference_loss()
-
-        def _reference_loss() -> Tensor:
             reference.zero_grad(set_to_none=True)
             model.zero_grad(set_to_none=True)
-            tokens = reference.proj(feats)
-            mpm = random_patch_mask(valid, model.mask_ratio)
-            tokens = torch.where(mpm[..., None], model.mask_token, tokens)
-            cls, out = reference(tokens)
-            loss_rec = masked_l1(model.decoder(out), feats, mpm, reduction=model.rec_reduction)
-            with torch.no_grad():
-                cls_ge = model.gene_encoder(genes)
-            emb = torch.cat([nn.functional.normalize(cls, dim=-1), nn.functional.normalize(cls_ge, dim=-1)], -1)
-            return loss_rec + triplet_loss(emb, y, margin=model.margin)
+            with autocast():
+                tokens = reference.proj(feats)
+                mpm = random_patch_mask(valid, model.mask_ratio)
+                tokens = torch.where(mpm[..., None], model.mask_token, tokens)
+                cls, out = reference(tokens)
+                loss_rec = masked_l1(model.decoder(out), feats, mpm, reduction=model.rec_reduction)
+                with torch.no_grad():
+                    cls_ge = model.gene_encoder(genes)
+                emb = torch.cat([nn.functional.normalize(cls, dim=-1), nn.functional.normalize(cls_ge, dim=-1)], -1)
+                return loss_rec + triplet_loss(emb, y, margin=model.margin)
 
         steps["reference"] = reference_step
 

@@ -54,6 +54,21 @@ __all__ = [
 ]
 
 
+def _row_index(which: Tensor) -> Tensor:
+    """Flat row numbers of the True entries of a (b, n) bool mask, in row-major order."""
+    return which.reshape(-1).nonzero().squeeze(1)
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[which]`` for a (b, n, d) ``x``, given ``index = _row_index(which)``: a row gather.
+
+    The same rows in the same order as boolean indexing, which PyTorch runs as a masked
+    select over every value (about 60 ms per pretraining step at paper shapes on 2 CPU
+    threads); gathering whole rows by index is a copy, and its backward an index add.
+    """
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
 class AggregatorOutput:
     """What :class:`PatchAggregator` returns.
 
@@ -86,7 +101,7 @@ class AggregatorOutput:
     def tokens(self) -> Tensor:
         if self._tokens is None:  # rows back in place by index (a masked scatter's backward is slow)
             (b, n), d = self._need.shape, self.needed.shape[-1]
-            index = self._need.reshape(-1).nonzero().squeeze(1)
+            index = _row_index(self._need)
             self._tokens = self.needed.new_zeros(b * n, d).index_copy(0, index, self.needed).view(b, n, d)
         return self._tokens
 
@@ -594,7 +609,7 @@ class PatchAggregator(nn.Module):
             tokens[i, mask[i]] = out.tokens[0]
             if return_attn:
                 attn[i, mask[i]] = out.attn[0]
-        needed = tokens.reshape(-1, self.embed_dim)[need.reshape(-1)] if exists(need) else None
+        needed = _rows(tokens, _row_index(need)) if exists(need) else None
         return AggregatorOutput(cls=cls, tokens=tokens, attn=attn, needed=needed)
 
     def _run(self, x: Tensor, return_attn: bool, need: Tensor | None = None) -> AggregatorOutput:
@@ -616,7 +631,7 @@ class PatchAggregator(nn.Module):
             x = layer(x, rows if last else None)
         x = self.norm(x)
         if rows is None:
-            needed = x[:, 1:][need] if exists(need) else None
+            needed = _rows(x[:, 1:], _row_index(need)) if exists(need) else None
             return AggregatorOutput(cls=x[:, 0], tokens=x[:, 1:], attn=attn, needed=needed)
         return AggregatorOutput(cls=x[:, 0], attn=attn, needed=x[:, 1:].reshape(-1, x.shape[-1]), need=need)
 

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gimplib.losses import masked_l1, triplet_loss
-from gimplib.models.aggregator import PatchAggregator
+from gimplib.models.aggregator import PatchAggregator, _row_index, _rows
 from gimplib.models.heads import MLPHead
 from gimplib.utils import exists
 
@@ -137,20 +137,6 @@ def mpm_reference_l1(
         out["mean_patch"] = masked_l1(mean_patch.to(feats).expand_as(feats), feats, mpm_mask)
     return out
 
-
-def _row_index(which: Tensor) -> Tensor:
-    """Flat row numbers of the True entries of a (b, n) bool mask, in row-major order."""
-    return which.reshape(-1).nonzero().squeeze(1)
-
-
-def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[which]`` for a (b, n, d) ``x``, given ``index = _row_index(which)``: a row gather.
-
-    The same rows in the same order as boolean indexing, which PyTorch runs as a masked
-    select over every value (about 60 ms per pretraining step at paper shapes on 2 CPU
-    threads); gathering whole rows by index is a copy, and its backward an index add.
-    """
-    return x.reshape(-1, x.shape[-1]).index_select(0, index)
 
 class GiMP(nn.Module):
     """GiMP pretraining model: Nystrom aggregator + MPM decoder + frozen gene encoder.
@@ -329,7 +315,8 @@ class GiMP(nn.Module):
         """
         n_masked = int(mpm.sum())
         if n_masked == 0:  # the same exact 0 with a graph as masked_l1
-            return masked_l1(self.decoder(masked_tokens.reshape(feats.shape[0], 0, masked_tokens.shape[-1])), feats[:, :0], mpm[:, :0], reduction=self.rec_reduction)
+            empty = masked_tokens.reshape(feats.shape[0], 0, masked_tokens.shape[-1])
+            return masked_l1(self.decoder(empty), feats[:, :0], mpm[:, :0], reduction=self.rec_reduction)
         total = (self.decoder(masked_tokens) - _rows(feats, _row_index(mpm))).abs().sum()
         if self.rec_reduction == "sum":
             return total / feats.shape[0]
